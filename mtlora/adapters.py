@@ -1,0 +1,131 @@
+"""Adapter modules: the trainable residual paths added in parallel to a frozen module.
+
+``RoutedLowRankAdapter`` covers LoRA (one expert, no router), HydraLoRA (shared A, E experts B_i,
+per-token softmax router), mtLoRA's block-level adapter and fine-grained routing (a weight per expert
+per group of output dimensions). ``TaskGatedLoRA`` is MMoELoRA: E full LoRA experts mixed by a gate
+that depends on the task label, not on the token.
+
+Parameters are kept in float32 (master weights); the forward pass casts them to the input's dtype,
+so a bf16 base model runs its adapters in bf16 too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtlora.experts import routed_expert_mix
+
+
+class RoutedLowRankAdapter(nn.Module):
+    """Delta(u) = s * sum_i w_i(u) B_i f(A dropout(u)), routed per token (and per output group).
+
+    Shapes: A (r, d_in) shared by all experts, B (E, d_out, r), router W_g (E*G, d_in).
+    Styles: ``lowrank`` (f = identity, B = 0 at init, s = alpha/r), ``bottleneck`` (f = ReLU,
+    B ~ N(0, 0.02): not the identity at init, as in the reference code) and ``adaptformer``
+    (f = ReLU, B = 0, a learnable per-expert scale initialised at 0 replaces s).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        num_experts: int,
+        scaling: float,
+        dropout: float = 0.0,
+        num_groups: int = 1,
+        style: str = "lowrank",
+    ):
+        super().__init__()
+        if out_features % num_groups != 0:
+            raise ValueError(f"routing group count {num_groups} does not divide the output width {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.num_experts, self.num_groups = rank, num_experts, num_groups
+        self.scaling, self.style = scaling, style
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, rank))
+        self.router = nn.Linear(in_features, num_groups * num_experts, bias=False) if num_experts > 1 else None
+        self.expert_scale = nn.Parameter(torch.zeros(num_experts)) if style == "adaptformer" else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.routing_mean: torch.Tensor | None = None  # (E,) mean routing weight of the last training forward
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if self.style == "bottleneck":
+            nn.init.normal_(self.lora_B, std=0.02)
+        else:
+            nn.init.zeros_(self.lora_B)
+        if self.router is not None:
+            self.router.reset_parameters()
+        if self.expert_scale is not None:
+            nn.init.zeros_(self.expert_scale)
+
+    def routing_weights(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, d_in) -> (N, G, E) softmax over experts within each output group."""
+        if self.router is None:
+            return tokens.new_ones(tokens.shape[0], 1, 1)
+        logits = F.linear(tokens, self.router.weight.to(tokens.dtype))
+        logits = logits.view(tokens.shape[0], self.num_groups, self.num_experts)
+        return torch.softmax(logits.float(), dim=-1).to(tokens.dtype)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        tokens = u.reshape(-1, self.in_features)  # (N, d_in)
+        code = self.dropout(tokens) @ self.lora_A.to(u.dtype).t()  # (N, r)
+        if self.style != "lowrank":
+            code = torch.relu(code)
+        weights = self.routing_weights(tokens)  # (N, G, E)
+        if self.training and self.router is not None:
+            self.routing_mean = weights.float().mean(dim=(0, 1))
+        if self.expert_scale is not None:
+            weights = weights * self.expert_scale.to(u.dtype)
+        else:
+            weights = weights * self.scaling
+        out = routed_expert_mix(code, weights, self.lora_B.to(u.dtype))
+        return out.reshape(*u.shape[:-1], self.out_features)
+
+
+class TaskGatedLoRA(nn.Module):
+    """MMoELoRA: E LoRA experts (A_i, B_i) mixed by a per-task gate softmax(g[task]).
+
+    Shapes: A (E, r, d_in), B (E, d_out, r), gate logits (num_tasks, E) initialised to 0 (uniform).
+    Task ids come from :func:`mtlora.injection.set_task_ids` before the forward pass; without them
+    (e.g. at generation time, where the reference code drops the task id) the experts are averaged
+    uniformly.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, num_experts: int, num_tasks: int,
+                 scaling: float, dropout: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.num_experts, self.scaling = rank, num_experts, scaling
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank))
+        self.task_gate = nn.Parameter(torch.zeros(num_tasks, num_experts))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.task_ids: torch.Tensor | None = None
+        for expert_A in self.lora_A:
+            nn.init.kaiming_uniform_(expert_A, a=math.sqrt(5))
+
+    def gate_weights(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """(batch, E) mixing weights, one row per sequence."""
+        if self.task_ids is None:
+            return torch.full((batch_size, self.num_experts), 1.0 / self.num_experts, device=device)
+        return torch.softmax(self.task_gate[self.task_ids.to(device)], dim=-1)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        batch_size = u.shape[0] if u.dim() == 3 else 1
+        tokens = u.reshape(-1, self.in_features)  # (N, d_in)
+        all_A = self.lora_A.to(u.dtype).reshape(self.num_experts * self.rank, self.in_features)
+        code = (self.dropout(tokens) @ all_A.t()).view(batch_size, -1, self.num_experts, self.rank)
+        gate = self.gate_weights(batch_size, u.device).to(u.dtype) * self.scaling  # (batch, E)
+        folded = (code * gate[:, None, :, None]).reshape(-1, self.num_experts * self.rank)  # (N, E*r)
+        all_B = self.lora_B.to(u.dtype).permute(1, 0, 2).reshape(self.out_features, -1)  # [B_1 | ... | B_E]
+        return (folded @ all_B.t()).reshape(*u.shape[:-1], self.out_features)
+
+
+ADAPTER_TYPES = (RoutedLowRankAdapter, TaskGatedLoRA)

@@ -1,0 +1,85 @@
+"""Save and load adapters: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+Loading is strict: every adapter tensor of the model must be in the file with the same shape, and the
+file may hold nothing else (the reference evaluators load non-strictly, so a mismatch passes silently).
+A plain ``lora`` adapter can also be exported in the standard PEFT adapter layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mtlora.config import AdapterConfig
+from mtlora.injection import adapter_modules, adapter_state_dict
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def save_adapter(model: nn.Module, config: AdapterConfig, output_dir: str | Path) -> Path:
+    """Write the adapter weights (float32, contiguous) and config to ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in adapter_state_dict(model).items()}
+    save_file(tensors, str(output_dir / ADAPTER_WEIGHTS), metadata={"format": "pt", "library": "mtlora"})
+    config.save(output_dir / ADAPTER_CONFIG)
+    return output_dir
+
+
+def is_adapter_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / ADAPTER_WEIGHTS).is_file() and (path / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter_config(checkpoint_dir: str | Path) -> AdapterConfig:
+    """The config saved with a checkpoint; a clear error when the folder is not an adapter checkpoint."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not is_adapter_checkpoint(checkpoint_dir):
+        raise FileNotFoundError(
+            f"--lora_checkpoint {checkpoint_dir}: expected a folder with {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} "
+            "(written by train.py)"
+        )
+    return AdapterConfig.load(checkpoint_dir / ADAPTER_CONFIG)
+
+
+def load_adapter_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
+    """Copy the saved adapter tensors into ``model`` (adapters already attached), strictly."""
+    saved = load_file(str(Path(checkpoint_dir) / ADAPTER_WEIGHTS))
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    wrong_shape = [k for k in set(expected) & set(saved) if expected[k].shape != saved[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            f"adapter checkpoint {checkpoint_dir} does not match the model: missing {missing[:5]} "
+            f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape {wrong_shape[:5]}"
+        )
+    params = dict(model.named_parameters())
+    for name, tensor in saved.items():
+        params[name].data.copy_(tensor.to(params[name].device))
+
+
+def export_peft_lora(model: nn.Module, config: AdapterConfig, output_dir: str | Path,
+                     base_model_name_or_path: str | None = None) -> Path:
+    """Write a ``--method lora`` adapter as a standard PEFT LoRA adapter (loadable by ``PeftModel``)."""
+    if config.method != "lora":
+        raise ValueError(f"only --method lora adapters have a PEFT equivalent, not {config.method}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, adapter in adapter_modules(model).items():
+        host = name[: -len(".adapter")]
+        tensors[f"base_model.model.{host}.lora_A.weight"] = adapter.lora_A.detach().cpu().contiguous()
+        tensors[f"base_model.model.{host}.lora_B.weight"] = adapter.lora_B[0].detach().cpu().contiguous()
+    save_file(tensors, str(output_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": config.lora_rank, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+        "target_modules": list(config.trainable), "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "use_rslora": False, "init_lora_weights": True,
+    }
+    (output_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return output_dir

@@ -1,0 +1,63 @@
+"""The routed mix of expert up-projections, computed without a loop over experts.
+
+Every multi-expert method here shares one shape of computation: a rank-r code h per token, E expert
+up-projections B_i (d_out x r), and per-token routing weights, optionally one weight per group of
+output dimensions (fine-grained routing):
+
+    out[n, group k] = sum_i w[n, k, i] * (B_i h[n])[group k]
+
+A naive implementation evaluates B_i h for every expert (E full-width outputs). Because the weights are
+scalars per (token, group, expert), they can be folded into the code instead: z[n, k, (i, j)] =
+w[n, k, i] * h[n, j] is only E*r wide, and the sum over experts becomes part of a single matrix
+product with the concatenated up-projections [B_1 | ... | B_E] (d_out x E*r).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def routed_expert_mix(code: torch.Tensor, routing_weights: torch.Tensor, expert_up: torch.Tensor) -> torch.Tensor:
+    """Mix expert up-projections of a shared low-rank code with per-token (per-group) weights.
+
+    Args:
+        code: (N, r) low-rank code per token (e.g. A @ x).
+        routing_weights: (N, G, E) weight of each expert for each group of output dimensions;
+            G = 1 is scalar routing. G must divide d_out.
+        expert_up: (E, d_out, r) stacked expert up-projections B_i.
+
+    Returns:
+        (N, d_out) tensor: sum_i w_i * B_i @ code, group by group.
+    """
+    num_tokens, rank = code.shape
+    num_experts, d_out, _ = expert_up.shape
+    num_groups = routing_weights.shape[1]
+    if num_groups == 1:
+        folded = (routing_weights[:, 0, :, None] * code[:, None, :]).reshape(num_tokens, num_experts * rank)
+        up = expert_up.permute(1, 0, 2).reshape(d_out, num_experts * rank)  # [B_1 | ... | B_E]
+        return folded @ up.t()  # one GEMM: (N, E*r) x (E*r, d_out)
+    group_width = d_out // num_groups
+    # (G, N, E, r) -> (G, N, E*r): the routing weights of group k folded into the code
+    folded = routing_weights.permute(1, 0, 2)[..., None] * code[None, :, None, :]
+    folded = folded.reshape(num_groups, num_tokens, num_experts * rank)
+    # (E, G, g, r) -> (G, E*r, g): the rows of every expert that land in group k
+    up = expert_up.reshape(num_experts, num_groups, group_width, rank).permute(1, 0, 3, 2)
+    up = up.reshape(num_groups, num_experts * rank, group_width)
+    out = torch.bmm(folded, up)  # one batched GEMM over groups: (G, N, g)
+    return out.transpose(0, 1).reshape(num_tokens, d_out)
+
+
+def routed_expert_mix_loop(code: torch.Tensor, routing_weights: torch.Tensor, expert_up: torch.Tensor) -> torch.Tensor:
+    """Reference form of :func:`routed_expert_mix`: a loop over experts, one full-width output each.
+
+    This is the pattern of the public reference implementation; it is kept for tests and benchmarks.
+    """
+    num_tokens = code.shape[0]
+    num_experts, d_out, _ = expert_up.shape
+    num_groups = routing_weights.shape[1]
+    out = code.new_zeros(num_tokens, d_out)
+    for i in range(num_experts):
+        expert_out = code @ expert_up[i].t()  # (N, d_out)
+        weight = routing_weights[:, :, i].repeat_interleave(d_out // num_groups, dim=1)  # (N, d_out)
+        out = out + weight * expert_out
+    return out

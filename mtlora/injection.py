@@ -1,0 +1,137 @@
+"""Attach adapters to an unmodified Hugging Face causal LM.
+
+Each adapter becomes a child module named ``adapter`` of the module it runs beside (its "host"),
+and a forward hook adds its output to the host's output, reading the host's own input:
+
+* component level: host = a target linear layer (``q_proj``...): y = W x + Delta(x);
+* block level: host = the decoder layer's ``mlp`` and/or ``self_attn``, whose input is already the
+  normalised hidden state, so the block computes x + F(LN(x)) + Delta(LN(x)).
+
+The base model's parameter names are untouched, so base weights load as usual and adapter weights
+are exactly the parameters whose name contains ``.adapter.``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtlora.adapters import ADAPTER_TYPES, RoutedLowRankAdapter, TaskGatedLoRA
+from mtlora.config import AdapterConfig, AdapterConfigError
+
+ADAPTER_NAME = "adapter"
+BLOCK_HOSTS = {"ffn": ("mlp",), "attention": ("self_attn",), "both": ("self_attn", "mlp")}
+
+
+def _add_adapter_output(host: nn.Module, args: tuple, kwargs: dict, output):
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    delta = host.adapter(hidden)
+    if isinstance(output, tuple):  # attention modules return (attn_output, attn_weights, ...)
+        return (output[0] + delta.to(output[0].dtype),) + tuple(output[1:])
+    return output + delta.to(output.dtype)
+
+
+def _install(host: nn.Module, adapter: nn.Module) -> None:
+    weight = next(host.parameters())
+    host.add_module(ADAPTER_NAME, adapter.to(device=weight.device))
+    host.register_forward_hook(_add_adapter_output, with_kwargs=True)
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks: the ModuleList whose children all have ``self_attn`` and ``mlp``."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
+            hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in module
+        ):
+            return module
+    raise AdapterConfigError(
+        f"--enable_block_adapter: cannot find decoder layers with `self_attn` and `mlp` in {type(model).__name__}"
+    )
+
+
+def _routed_adapter(config: AdapterConfig, d_in: int, d_out: int, rank: int, style: str = "lowrank") -> RoutedLowRankAdapter:
+    return RoutedLowRankAdapter(
+        d_in, d_out, rank=rank, num_experts=config.num_experts, scaling=config.lora_alpha / rank,
+        dropout=config.lora_dropout, num_groups=config.routing_groups(d_out), style=style,
+    )
+
+
+def _component_adapter(config: AdapterConfig, linear: nn.Linear) -> nn.Module:
+    if config.method == "mmoelora":
+        return TaskGatedLoRA(linear.in_features, linear.out_features, config.lora_rank, config.lora_nums,
+                             config.num_tasks, config.scaling, config.lora_dropout)
+    return _routed_adapter(config, linear.in_features, linear.out_features, config.lora_rank)
+
+
+def _check_group_size(config: AdapterConfig, name: str, width: int) -> None:
+    if config.enable_fine_grained_routing and width % config.routing_group_size != 0:
+        raise AdapterConfigError(
+            f"--routing_group_size {config.routing_group_size} does not divide the output width {width} of {name}"
+        )
+
+
+def _attach_component_level(model: nn.Module, config: AdapterConfig) -> int:
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.trainable]
+    found = {name.rsplit(".", 1)[-1] for name, _ in targets}
+    missing = set(config.trainable) - found
+    if missing:
+        available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise AdapterConfigError(f"--trainable: no linear layer named {sorted(missing)}; available: {', '.join(available)}")
+    for name, linear in targets:
+        _check_group_size(config, name, linear.out_features)
+    for _, linear in targets:
+        _install(linear, _component_adapter(config, linear))
+    return len(targets)
+
+
+def _attach_block_level(model: nn.Module, config: AdapterConfig) -> int:
+    hidden = model.config.hidden_size
+    rank = config.block_adapter_rank or config.lora_rank
+    _check_group_size(config, "the decoder block", hidden)
+    layers = find_decoder_layers(model)
+    for layer in layers:
+        for host_name in BLOCK_HOSTS[config.block_adapter_type]:
+            _install(getattr(layer, host_name), _routed_adapter(config, hidden, hidden, rank, config.block_adapter_style))
+    return len(layers) * len(BLOCK_HOSTS[config.block_adapter_type])
+
+
+def attach_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Freeze ``model`` and attach the adapters ``config`` describes; returns the same model.
+
+    Raises :class:`AdapterConfigError` (naming the flag) before touching the model when the
+    configuration does not fit it.
+    """
+    config.validate(hidden_size=model.config.hidden_size)
+    if adapter_modules(model):
+        raise AdapterConfigError("this model already has adapters attached")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if config.uses_block_adapter:
+        _attach_block_level(model, config)
+    else:
+        _attach_component_level(model, config)
+    return model
+
+
+def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> adapter module, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter parameters only, keyed by their full names in ``model``."""
+    marker = f".{ADAPTER_NAME}."
+    return {name: tensor for name, tensor in model.state_dict().items() if marker in name}
+
+
+def set_task_ids(model: nn.Module, task_ids: torch.Tensor | None) -> None:
+    """Give MMoELoRA's task gates the task id of each sequence of the next batch (None: uniform mix)."""
+    for module in model.modules():
+        if isinstance(module, TaskGatedLoRA):
+            module.task_ids = task_ids
+
+
+def routed_adapters(model: nn.Module) -> list[RoutedLowRankAdapter]:
+    """The adapters that have a router (and so take part in the balance loss)."""
+    return [m for m in model.modules() if isinstance(m, RoutedLowRankAdapter) and m.router is not None]

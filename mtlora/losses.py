@@ -1,0 +1,99 @@
+"""Auxiliary training losses: routing balance and spectral-aware regularisation of the experts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtlora.adapters import RoutedLowRankAdapter, TaskGatedLoRA
+from mtlora.injection import routed_adapters
+
+
+def squared_coefficient_of_variation(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Var(p) / (Mean(p)^2 + eps), with the unbiased variance as in the reference (MoE) code."""
+    if values.numel() < 2:
+        return values.new_zeros(())
+    return values.var() / (values.mean() ** 2 + eps)
+
+
+def balance_loss(model: nn.Module) -> torch.Tensor | None:
+    """Mean over routed adapters of the squared CV of their mean routing weight per expert.
+
+    Reads the routing means recorded by the last training forward pass (which, as in the reference
+    code, include padding tokens). Returns None when no adapter recorded routing.
+    """
+    means = [m.routing_mean for m in routed_adapters(model) if m.routing_mean is not None]
+    if not means:
+        return None
+    return torch.stack([squared_coefficient_of_variation(p) for p in means]).mean()
+
+
+def clear_routing_records(model: nn.Module) -> None:
+    """Drop the recorded routing means so no autograd graph outlives its step."""
+    for adapter in routed_adapters(model):
+        adapter.routing_mean = None
+
+
+def expert_up_projections(model: nn.Module) -> list[torch.Tensor]:
+    """Every expert up-projection B_i (d_out x r) of every adapter, as views of the parameters."""
+    matrices = []
+    for module in model.modules():
+        if isinstance(module, (RoutedLowRankAdapter, TaskGatedLoRA)):
+            matrices.extend(module.lora_B.unbind(0))
+    return matrices
+
+
+def _noise_weights(up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular vectors and weights w(sigma) = exp(-sigma / mean(sigma)) of B, without gradient."""
+    with torch.no_grad():
+        _, sigma, vh = torch.linalg.svd(up.float(), full_matrices=False)  # sigma descending
+        weights = torch.exp(-sigma / (sigma.mean() + 1e-8))
+    return weights, vh
+
+
+def spectral_penalty_reference(up: torch.Tensor) -> torch.Tensor:
+    """The reference code's penalty for one B (d x r): sum_jk (w_j w_k D_jk)^2, D = B^T B - c^2 I.
+
+    w is indexed by the rank of each singular value (largest first) and applied to the coordinates
+    of D directly, not in the singular basis: this is what the public code computes.
+    """
+    weights, _ = _noise_weights(up)
+    gram_deviation = _gram_deviation(up)
+    return ((weights[:, None] * weights[None, :] * gram_deviation) ** 2).sum()
+
+
+def spectral_penalty_singular_basis(up: torch.Tensor) -> torch.Tensor:
+    """The paper's stated goal: || P D P ||_F^2 with P = V diag(w) V^T from B = U S V^T.
+
+    P D P = V diag(w) (S^2 - c^2 I) diag(w) V^T, so low-singular-value ("noise") directions are pushed
+    towards orthogonality and high-singular-value directions are left nearly free. P is held constant,
+    so the gradient flows only through the polynomial D and needs no SVD derivative.
+    """
+    weights, vh = _noise_weights(up)
+    projector = vh.t() @ torch.diag(weights) @ vh  # (r, r), no gradient
+    gram_deviation = _gram_deviation(up)
+    return ((projector @ gram_deviation @ projector) ** 2).sum()
+
+
+def _gram_deviation(up: torch.Tensor) -> torch.Tensor:
+    """D = B^T B - c^2 I with c = ||B||_F / sqrt(r): zero when B's columns are orthogonal with equal norms."""
+    up = up.float()
+    rank = up.shape[1]
+    c_squared = up.pow(2).sum() / rank
+    return up.t() @ up - c_squared * torch.eye(rank, device=up.device)
+
+
+SPECTRAL_PENALTIES = {"reference": spectral_penalty_reference, "singular_basis": spectral_penalty_singular_basis}
+
+
+def spectral_loss(model: nn.Module, form: str = "reference", max_matrices: int = 64,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean penalty over a random sample of at most ``max_matrices`` expert up-projections."""
+    matrices = expert_up_projections(model)
+    if not matrices:
+        raise ValueError("spectral regularisation needs adapters with expert up-projections")
+    if len(matrices) > max_matrices:
+        chosen = torch.randperm(len(matrices), generator=generator)[:max_matrices].tolist()
+        matrices = [matrices[i] for i in chosen]
+    penalty = SPECTRAL_PENALTIES[form]
+    return torch.stack([penalty(up) for up in matrices]).mean()
