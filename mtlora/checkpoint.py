@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -20,11 +21,19 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def save_adapter(model: nn.Module, config: AdapterConfig, output_dir: str | Path) -> Path:
-    """Write the adapter weights (float32, contiguous) and config to ``output_dir``."""
+def save_adapter(model: nn.Module, config: AdapterConfig, output_dir: str | Path,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter weights and config to ``output_dir``.
+
+    ``state_dict`` is a full (e.g. DeepSpeed-gathered) state dict to take the adapter tensors from
+    instead of the model's own parameters.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in adapter_state_dict(model).items()}
+    source = adapter_state_dict(model)
+    if state_dict is not None:
+        source = {name: state_dict[name] for name in source}
+    tensors = {name: t.detach().contiguous().cpu() for name, t in source.items()}
     save_file(tensors, str(output_dir / ADAPTER_WEIGHTS), metadata={"format": "pt", "library": "mtlora"})
     config.save(output_dir / ADAPTER_CONFIG)
     return output_dir

@@ -70,16 +70,25 @@ def load_model_config(model_name_or_path: str | None):
     return AutoConfig.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(folder)
 
 
+def build_meta_model(model_name_or_path: str | None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The architecture with no weights (meta device): for parameter counts and memory plans."""
+    config = load_model_config(model_name_or_path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def load_base_model(model_name_or_path: str | None = None, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> PreTrainedModel:
     """Load a causal LM; a config-only folder gives the architecture on the meta device."""
     folder, gguf_file = resolve_model_source(model_name_or_path)
     if gguf_file is None and is_config_only(folder):
-        config = AutoConfig.from_pretrained(folder)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return build_meta_model(folder, dtype)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if gguf_file:
+        # GGUF tensors are de-quantized to float on load: the result is an ordinary float model,
+        # not a quantized one (which the Trainer would refuse to fine-tune).
+        model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
     return model.to(device)
 
 

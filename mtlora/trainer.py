@@ -1,0 +1,116 @@
+"""Hugging Face Trainer with the auxiliary losses and adapter-only checkpoints.
+
+* ``compute_loss`` adds the balance loss (every micro-batch) and the spectral regulariser (on one
+  micro-batch of the scheduled optimisation steps) to the language-model loss, and logs each term.
+* Checkpoints hold the adapter (safetensors + config) plus the Trainer's optimizer, scheduler, RNG and
+  state files, so ``--resume_from_checkpoint`` continues exactly where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer
+
+from mtlora.checkpoint import load_adapter_weights, save_adapter
+from mtlora.config import AdapterConfig
+from mtlora.injection import set_task_ids
+from mtlora.losses import balance_loss, clear_routing_records, spectral_loss
+
+
+@dataclass
+class AuxiliaryLosses:
+    """Which auxiliary losses to add and when (see METHOD.md for the reference schedule)."""
+
+    enable_blc: bool = False
+    blc_alpha: float = 0.01
+    enable_spectral_reg: bool = False
+    spectral_reg_lambda: float = 1.0
+    spectral_reg_form: str = "reference"
+    spectral_reg_frequency: int = 1
+    spectral_reg_steps: int | None = None
+    spectral_reg_max_matrices: int = 64
+
+
+def spectral_step_due(step: int, losses: AuxiliaryLosses, steps_per_epoch: int) -> bool:
+    """The reference schedule: every ``spectral_reg_steps`` steps (at step S-1, 2S-1, ...), else at the
+    first step of every ``spectral_reg_frequency`` epochs."""
+    if losses.spectral_reg_steps:
+        return (step + 1) % losses.spectral_reg_steps == 0
+    return step % (losses.spectral_reg_frequency * steps_per_epoch) == 0
+
+
+class AdapterTrainer(Trainer):
+    """Trainer for a base model with mtlora adapters attached."""
+
+    def __init__(self, *args, adapter_config: AdapterConfig, aux_losses: AuxiliaryLosses, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adapter_config = adapter_config
+        self.aux_losses = aux_losses
+        self._spectral_applied_at: int | None = None
+        batches_per_epoch = math.ceil(len(self.train_dataset) / (self.args.train_batch_size * self.args.world_size))
+        self._steps_per_epoch = max(1, math.ceil(batches_per_epoch / self.args.gradient_accumulation_steps))
+        self._aux_totals: dict[str, float] = {}
+        self._aux_counts: dict[str, int] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        set_task_ids(model, inputs.pop("task_ids", None))
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            # When the LM loss is already normalised over the accumulated batch, each micro-batch's
+            # auxiliary term must be scaled the same way to keep its weight per optimisation step.
+            scale = 1.0 / self.current_gradient_accumulation_steps if (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None) else 1.0
+            loss = loss + scale * self._auxiliary_loss(model)
+        return (loss, outputs) if return_outputs else loss
+
+    def _auxiliary_loss(self, model) -> torch.Tensor | float:
+        total = 0.0
+        if self.aux_losses.enable_blc:
+            blc = balance_loss(model)
+            if blc is not None:
+                self._record("balance_loss", blc)
+                total = total + self.aux_losses.blc_alpha * blc
+        clear_routing_records(model)
+        if self.aux_losses.enable_spectral_reg and self._spectral_due():
+            generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
+            spectral = spectral_loss(model, self.aux_losses.spectral_reg_form,
+                                     self.aux_losses.spectral_reg_max_matrices, generator)
+            self._record("spectral_loss", spectral)
+            total = total + self.aux_losses.spectral_reg_lambda * spectral
+        return total
+
+    def _spectral_due(self) -> bool:
+        step = self.state.global_step
+        if self._spectral_applied_at == step:  # once per optimisation step, on its first micro-batch
+            return False
+        if not spectral_step_due(step, self.aux_losses, self._steps_per_epoch):
+            return False
+        self._spectral_applied_at = step
+        return True
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        self._aux_totals[name] = self._aux_totals.get(name, 0.0) + float(value.detach())
+        self._aux_counts[name] = self._aux_counts.get(name, 0) + 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # training logs: add the mean of each auxiliary term since the last log
+            for name, total in self._aux_totals.items():
+                logs[name] = round(total / self._aux_counts[name], 6)
+            self._aux_totals, self._aux_counts = {}, {}
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        save_adapter(model, self.adapter_config, output_dir, state_dict=state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, f"{output_dir}/training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)

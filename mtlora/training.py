@@ -1,0 +1,79 @@
+"""The training run behind train.py: validate everything cheap first, then load, attach, train, save."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers.trainer_utils import get_last_checkpoint
+
+from mtlora.arguments import AdapterTrainingArguments, DataArguments, MethodArguments, ModelArguments
+from mtlora.checkpoint import save_adapter
+from mtlora.injection import attach_adapters
+from mtlora.loading import build_meta_model, load_base_model, load_model_config, load_tokenizer
+from mtlora.params import count_parameters, format_parameter_count
+from mtlora.trainer import AdapterTrainer
+from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records
+
+
+def count_only(model_args: ModelArguments, method_args: MethodArguments) -> int:
+    """Attach adapters to a meta-device model and print ``trainable params: N``."""
+    model = build_meta_model(model_args.model_name_or_path)
+    attach_adapters(model, method_args.adapter_config())
+    trainable, total = count_parameters(model)
+    print(format_parameter_count(trainable, total))
+    return trainable
+
+
+def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
+    """``last`` (or ``true``) means the newest checkpoint in --output_dir, if there is one."""
+    if resume_from_checkpoint is None or resume_from_checkpoint.lower() not in ("last", "true"):
+        if resume_from_checkpoint and not Path(resume_from_checkpoint).is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
+        return resume_from_checkpoint
+    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+
+def run_training(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
+                 training_args: AdapterTrainingArguments, callbacks: list | None = None) -> dict:
+    """Train adapters and save them in --output_dir; returns the run summary (also written as JSON)."""
+    adapter_config = method_args.adapter_config()
+    aux_losses = method_args.auxiliary_losses()
+    adapter_config.validate(hidden_size=load_model_config(model_args.model_name_or_path).hidden_size)
+    if data_args.data_path is None:
+        raise ValueError("--data_path is required for training (a JSON/JSONL file of instruction records)")
+    if data_args.max_seq_length < 8:
+        raise ValueError(f"--max_seq_length must be at least 8, got {data_args.max_seq_length}")
+    records = read_instruction_records(data_args.data_path)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length)
+    adapter_config.num_tasks, adapter_config.task_names = len(dataset.task_names), dataset.task_names
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    model = attach_adapters(load_base_model(model_args.model_name_or_path, dtype=dtype), adapter_config)
+    trainable, total = count_parameters(model)
+    print(format_parameter_count(trainable, total))
+    print(f"training examples: {len(dataset)} ({dataset.num_truncated} truncated to {data_args.max_seq_length} tokens)")
+
+    trainer = AdapterTrainer(
+        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+        data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=callbacks,
+        adapter_config=adapter_config, aux_losses=aux_losses,
+    )
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    save_adapter(model, adapter_config, training_args.output_dir)
+    summary = {
+        "model": model_args.model_name_or_path, "adapter_config": adapter_config.to_dict(),
+        "trainable_params": trainable, "total_params": total, "train_examples": len(dataset),
+        "truncated_examples": dataset.num_truncated, "resumed_from": resume,
+        "global_step": result.global_step, "train_loss": result.training_loss,
+        "train_seconds": time.perf_counter() - started, "metrics": result.metrics,
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.args.should_save:
+        Path(training_args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,37 @@
+"""Train multi-task LoRA adapters (LoRA, HydraLoRA, MMoELoRA, mtLoRA) on a Hugging Face causal LM.
+
+Example (the paper's full mtLoRA on Flan-v2 -> BBH):
+    python train.py --method mtlora --model_name_or_path meta-llama/Llama-2-7b-hf \\
+        --data_path data/processed/flan/train.jsonl --output_dir outputs/mtlora \\
+        --lora_rank 16 --lora_nums 16 --enable_block_adapter --block_adapter_type ffn \\
+        --enable_fine_grained_routing --routing_group_size 2048 \\
+        --enable_spectral_reg --spectral_reg_lambda 1.0 --spectral_reg_steps 500 --enable_blc --bf16
+
+Multi-GPU: `accelerate launch train.py ...` or `torchrun --nproc_per_node N train.py ...`;
+DeepSpeed: add `--deepspeed configs/ds_zero2.json`.
+"""
+
+import sys
+
+from transformers import HfArgumentParser
+
+from mtlora.arguments import AdapterTrainingArguments, DataArguments, MethodArguments, ModelArguments
+from mtlora.config import AdapterConfigError
+from mtlora.training import count_only, run_training
+from mtlora.training_data import DataFormatError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, AdapterTrainingArguments))
+    model_args, data_args, method_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        if method_args.count_params_only:
+            count_only(model_args, method_args)
+        else:
+            run_training(model_args, data_args, method_args, training_args)
+    except (AdapterConfigError, DataFormatError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
