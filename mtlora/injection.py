@@ -33,7 +33,7 @@ def _add_adapter_output(host: nn.Module, args: tuple, kwargs: dict, output):
 
 def _install(host: nn.Module, adapter: nn.Module) -> None:
     weight = next(host.parameters())
-    host.add_module(ADAPTER_NAME, adapter.to(device=weight.device))
+    host.add_module(ADAPTER_NAME, adapter.to(device=weight.device).train(host.training))
     host.register_forward_hook(_add_adapter_output, with_kwargs=True)
 
 

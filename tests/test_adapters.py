@@ -1,0 +1,107 @@
+"""Attachment: identity at init, only adapters trainable, block adapters read the normalised input."""
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from mtlora.adapters import RoutedLowRankAdapter
+from mtlora.config import AdapterConfig, AdapterConfigError
+from mtlora.injection import adapter_modules, attach_adapters
+from tests.conftest import tiny_llama
+
+METHOD_CONFIGS = {
+    "lora": dict(method="lora"),
+    "hydralora": dict(method="hydralora", lora_nums=4),
+    "mmoelora": dict(method="mmoelora", lora_nums=4, num_tasks=3),
+    "mtlora-component-fgr": dict(method="mtlora", lora_nums=4, enable_fine_grained_routing=True, routing_group_size=16),
+    "block-ffn": dict(method="mtlora", lora_nums=4, enable_block_adapter=True),
+    "block-attention": dict(method="mtlora", lora_nums=4, enable_block_adapter=True, block_adapter_type="attention"),
+    "block-both-fgr": dict(method="mtlora", lora_nums=4, enable_block_adapter=True, block_adapter_type="both",
+                           enable_fine_grained_routing=True, routing_group_size=32),
+    "block-adaptformer": dict(method="mtlora", lora_nums=4, enable_block_adapter=True, block_adapter_style="adaptformer"),
+}
+TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", METHOD_CONFIGS)
+def test_adapters_are_identity_at_init_and_only_they_train(name):
+    model = tiny_llama()
+    reference = model(TOKENS).logits
+    attach_adapters(model, AdapterConfig(**METHOD_CONFIGS[name]))
+    torch.testing.assert_close(model(TOKENS).logits, reference, rtol=0, atol=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapter." in n for n in trainable)
+    assert sum(p.numel() for n, p in model.named_parameters() if ".adapter." in n) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_bottleneck_style_is_not_identity_at_init_as_in_reference():
+    model = tiny_llama()
+    reference = model(TOKENS).logits
+    attach_adapters(model, AdapterConfig(method="mtlora", lora_nums=4, enable_block_adapter=True,
+                                         block_adapter_style="bottleneck"))
+    assert not torch.allclose(model(TOKENS).logits, reference)
+
+
+@pytest.mark.parametrize("block_type, hosts", [("ffn", ["mlp"]), ("attention", ["self_attn"]), ("both", ["self_attn", "mlp"])])
+def test_block_adapters_sit_on_the_right_sub_blocks(block_type, hosts):
+    model = tiny_llama()
+    attach_adapters(model, AdapterConfig(method="mtlora", lora_nums=4, enable_block_adapter=True, block_adapter_type=block_type))
+    names = sorted(adapter_modules(model))
+    expected = sorted(f"model.layers.{i}.{host}.adapter" for i in range(2) for host in hosts)
+    assert names == expected
+
+
+def test_block_ffn_adds_adapter_of_the_normalised_input_to_the_mlp_output():
+    model = tiny_llama()
+    attach_adapters(model, AdapterConfig(method="mtlora", lora_nums=4, enable_block_adapter=True))
+    layer = model.model.layers[0]
+    torch.nn.init.normal_(layer.mlp.adapter.lora_B, std=0.1)
+    captured = {}
+    layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: captured.update(norm_out=out))
+    layer.mlp.register_forward_hook(lambda m, a, out: captured.update(mlp_in=a[0], mlp_out=out))
+    model(TOKENS)
+    u = captured["mlp_in"]
+    torch.testing.assert_close(u, captured["norm_out"])  # the adapter reads LN(x), the MLP's own input
+    base_only = layer.mlp.down_proj(layer.mlp.act_fn(layer.mlp.gate_proj(u)) * layer.mlp.up_proj(u))
+    torch.testing.assert_close(captured["mlp_out"], base_only + layer.mlp.adapter(u))
+
+
+def test_component_level_adapter_adds_to_the_target_linear():
+    model = tiny_llama()
+    attach_adapters(model, AdapterConfig(method="hydralora", lora_nums=4))
+    q_proj = model.model.layers[1].self_attn.q_proj
+    torch.nn.init.normal_(q_proj.adapter.lora_B, std=0.1)
+    x = torch.randn(3, 5, 64)
+    torch.testing.assert_close(q_proj(x), x @ q_proj.weight.t() + q_proj.adapter(x))
+
+
+@pytest.mark.parametrize("model_class, config_class", [(Qwen2ForCausalLM, Qwen2Config), (MistralForCausalLM, MistralConfig)])
+def test_attaches_to_qwen2_and_mistral_architectures(model_class, config_class):
+    config = config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=128)
+    for method in (dict(method="hydralora", lora_nums=4), dict(method="mtlora", lora_nums=4, enable_block_adapter=True,
+                                                               block_adapter_type="both")):
+        torch.manual_seed(0)
+        model = model_class(config).eval()
+        reference = model(TOKENS).logits
+        attach_adapters(model, AdapterConfig(**method))
+        assert adapter_modules(model)
+        torch.testing.assert_close(model(TOKENS).logits, reference, rtol=0, atol=0)
+
+
+def test_fine_grained_routing_gives_one_weight_per_group():
+    adapter = RoutedLowRankAdapter(64, 64, rank=4, num_experts=3, scaling=1.0, num_groups=8)
+    weights = adapter.routing_weights(torch.randn(5, 64))
+    assert weights.shape == (5, 8, 3)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(5, 8))
+
+
+def test_unknown_target_module_is_rejected_with_available_names():
+    with pytest.raises(AdapterConfigError, match="--trainable: no linear layer named \\['qkv'\\]; available: .*q_proj"):
+        attach_adapters(tiny_llama(), AdapterConfig(method="hydralora", trainable=["qkv"]))
+
+
+def test_group_size_must_divide_the_adapted_width():
+    with pytest.raises(AdapterConfigError, match="--routing_group_size 24 does not divide"):
+        attach_adapters(tiny_llama(), AdapterConfig(method="mtlora", enable_fine_grained_routing=True, routing_group_size=24))
