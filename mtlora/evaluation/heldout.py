@@ -1,0 +1,106 @@
+"""Held-out accuracy on instruction records (e.g. ``eval.jsonl`` of ``data/prepare.py bigbench``).
+
+Each record is fed in the training format, ``{bos}{instruction[\\ninput]}{eos}``, the answer is
+generated greedily up to EOS, and scored two ways: ``exact`` (normalised generation equals the
+normalised ``output``) and ``lenient`` (the normalised ``output`` occurs in the normalised
+generation). Accuracies per ``task_type`` and their unweighted average over tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mtlora.evaluation.answers import exact_match, normalize
+from mtlora.evaluation.batching import generate_batched, truncate_left
+from mtlora.evaluation.reporting import markdown_table, mean, write_json
+from mtlora.prompts import build_generation_text
+
+RECORD_FIELDS = ("instruction", "input", "output", "task_type")
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Instruction records from a JSONL file; every line must carry the four record fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--eval_file {path}: no such file (e.g. data/processed/bigbench25/eval.jsonl)")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        missing = [f for f in RECORD_FIELDS if f not in record]
+        if missing:
+            raise ValueError(f"{path}, line {number}: record lacks {missing}")
+        records.append(record)
+    return records
+
+
+def encode_record(tokenizer: PreTrainedTokenizerBase, record: dict) -> list[int]:
+    """Token ids of ``{bos}{prompt}{eos}`` (special tokens written as text, as in training)."""
+    text = build_generation_text(record["instruction"], record["input"], tokenizer.bos_token, tokenizer.eos_token)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def limit_per_task(records: Sequence[dict], limit: int | None) -> list[dict]:
+    """The first ``limit`` records of each task (all when None), in file order."""
+    if limit is None:
+        return list(records)
+    seen: dict[str, int] = defaultdict(int)
+    kept = []
+    for record in records:
+        if seen[record["task_type"]] < limit:
+            seen[record["task_type"]] += 1
+            kept.append(record)
+    return kept
+
+
+def evaluate_heldout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[dict],
+                     batch_size: int = 8, max_new_tokens: int = 64, limit: int | None = None,
+                     max_length: int | None = None, output_dir: str | Path | None = None,
+                     metadata: dict | None = None) -> dict:
+    """Score held-out records; returns per-task and average (over tasks) exact/lenient accuracy.
+
+    ``metadata`` (e.g. the model name) is stored with the settings. With ``output_dir``: ``predictions.json`` (every generation), ``summary.json``, ``summary.md``.
+    """
+    model.eval()
+    records = limit_per_task(records, limit)
+    budget = (max_length or model.config.max_position_embeddings) - max_new_tokens
+    prompts = [truncate_left(encode_record(tokenizer, r), budget, keep_first=tokenizer.bos_token_id)
+               for r in records]
+    generations = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, desc="held-out")
+    predictions = [{"task_type": r["task_type"], "output": r["output"], "generation": g,
+                    "exact": exact_match(g, r["output"]), "lenient": normalize(r["output"]) in normalize(g)}
+                   for r, g in zip(records, generations, strict=True)]
+    summary = summarize_heldout(predictions)
+    summary["settings"] = {**(metadata or {}), "limit": limit, "batch_size": batch_size,
+                           "max_new_tokens": max_new_tokens, "max_length": budget + max_new_tokens}
+    if output_dir is not None:
+        write_json(Path(output_dir) / "predictions.json", {"predictions": predictions})
+        write_json(Path(output_dir) / "summary.json", summary)
+        (Path(output_dir) / "summary.md").write_text(heldout_markdown(summary) + "\n", encoding="utf-8")
+    return summary
+
+
+def summarize_heldout(predictions: Sequence[dict]) -> dict:
+    """Per-task accuracies and the unweighted average over tasks."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for p in predictions:
+        by_task[p["task_type"]].append(p)
+    tasks = {t: {"num_examples": len(ps), "exact": mean([p["exact"] for p in ps]),
+                 "lenient": mean([p["lenient"] for p in ps])} for t, ps in sorted(by_task.items())}
+    return {"tasks": tasks, "num_examples": len(predictions),
+            "average": {k: mean([t[k] for t in tasks.values()]) for k in ("exact", "lenient")}}
+
+
+def heldout_markdown(summary: dict) -> str:
+    """Markdown table: one row per task plus the average over tasks, in %."""
+    rows = [[t, v["num_examples"], f"{100 * v['exact']:.1f}", f"{100 * v['lenient']:.1f}"]
+            for t, v in summary["tasks"].items()]
+    rows.append(["**average over tasks**", summary["num_examples"], f"{100 * summary['average']['exact']:.1f}",
+                 f"{100 * summary['average']['lenient']:.1f}"])
+    return markdown_table(["task", "n", "exact %", "lenient %"], rows)
