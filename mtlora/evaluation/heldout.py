@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mtlora.evaluation.answers import exact_match, normalize
 from mtlora.evaluation.batching import generate_batched, truncate_left
 from mtlora.evaluation.reporting import markdown_table, mean, write_json
-from mtlora.prompts import build_generation_text
+from mtlora.prompts import build_training_prompt
 
 RECORD_FIELDS = ("instruction", "input", "output", "task_type")
 
@@ -41,9 +41,11 @@ def load_records(path: str | Path) -> list[dict]:
 
 
 def encode_record(tokenizer: PreTrainedTokenizerBase, record: dict) -> list[int]:
-    """Token ids of ``{bos}{prompt}{eos}`` (special tokens written as text, as in training)."""
-    text = build_generation_text(record["instruction"], record["input"], tokenizer.bos_token, tokenizer.eos_token)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    """Token ids of ``{bos}{prompt}{eos}``, built token by token exactly as training builds its prompt part
+    (``mtlora.training_data.tokenize_record``), so the model sees the same ids before its response."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt = build_training_prompt(record["instruction"], record["input"])
+    return bos + tokenizer.encode(prompt, add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
 def limit_per_task(records: Sequence[dict], limit: int | None) -> list[dict]:
