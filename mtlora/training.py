@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from mtlora.arguments import AdapterTrainingArguments, DataArguments, MethodArguments, ModelArguments
@@ -53,6 +54,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, method_ar
     dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length)
     adapter_config.num_tasks, adapter_config.task_names = len(dataset.task_names), dataset.task_names
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    set_seed(training_args.seed)  # adapter and router initialisation is part of the run's seeded state
     model = attach_adapters(load_base_model(model_args.model_name_or_path, dtype=dtype), adapter_config)
     trainable, total = count_parameters(model)
     print(format_parameter_count(trainable, total))

@@ -1,0 +1,139 @@
+"""Training: one step lowers the loss for every method, a real short run on SmolLM2 learns, a killed
+run resumes to the same state, and bad input is rejected before any loading."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, TrainerCallback
+
+from mtlora.arguments import AdapterTrainingArguments, DataArguments, MethodArguments, ModelArguments
+from mtlora.config import AdapterConfig
+from mtlora.injection import attach_adapters, set_task_ids
+from mtlora.losses import balance_loss
+from mtlora.training import run_training
+from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records
+from tests.conftest import REPO_CONFIGS, requires_smollm2, tiny_llama
+from train import main as train_main
+
+TOKENIZER_DIR = REPO_CONFIGS / "smollm2-135m"
+METHODS = {
+    "lora": dict(method="lora"),
+    "hydralora": dict(method="hydralora", lora_nums=4),
+    "mmoelora": dict(method="mmoelora", lora_nums=4, num_tasks=3),
+    "mtlora": dict(method="mtlora", lora_nums=4, enable_block_adapter=True, enable_fine_grained_routing=True,
+                   routing_group_size=32),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok.pad_token = tok.unk_token
+    return tok
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tokenizer) -> Path:
+    """A tiny random LLaMA with the SmolLM2 tokenizer, saved like a Hub model."""
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_one_optimisation_step_lowers_the_loss(name, multitask_records, tokenizer):
+    model = attach_adapters(tiny_llama(vocab_size=len(tokenizer)), AdapterConfig(**METHODS[name])).train()
+    dataset = InstructionDataset(read_instruction_records(multitask_records)[:8], tokenizer, max_seq_length=64)
+    batch = PaddingCollator(tokenizer.pad_token_id)([dataset[i] for i in range(8)])
+    set_task_ids(model, batch.pop("task_ids"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = model(**batch).loss
+    total = before + (0.01 * balance_loss(model) if balance_loss(model) is not None else 0)
+    total.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = model(**batch).loss
+    assert after < before
+
+
+def _args(model_dir, data_path, output_dir, **overrides):
+    method = MethodArguments(method="mtlora", lora_nums=4, enable_block_adapter=True, enable_blc=True,
+                             enable_spectral_reg=True, spectral_reg_steps=2, lora_dropout=0.1)
+    training = dict(output_dir=str(output_dir), max_steps=6, per_device_train_batch_size=4, save_steps=3,
+                    logging_steps=1, learning_rate=5e-3, use_cpu=True, dataloader_num_workers=0, save_total_limit=None)
+    training.update(overrides)
+    return (ModelArguments(str(model_dir) if model_dir else None), DataArguments(str(data_path), max_seq_length=48),
+            method, AdapterTrainingArguments(**training))
+
+
+class _KillAtStep(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def _adapter_tensors(output_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(output_dir / "adapter_model.safetensors"))
+
+
+def test_killed_run_resumes_to_the_same_state(tiny_model_dir, multitask_records, tmp_path):
+    straight = tmp_path / "straight"
+    run_training(*_args(tiny_model_dir, multitask_records, straight))
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_training(*_args(tiny_model_dir, multitask_records, killed), callbacks=[_KillAtStep(4)])
+    assert (killed / "checkpoint-3").is_dir() and not (killed / "adapter_model.safetensors").exists()
+    summary = run_training(*_args(tiny_model_dir, multitask_records, killed, resume_from_checkpoint="last"))
+    assert summary["resumed_from"].endswith("checkpoint-3")
+    expected, resumed = _adapter_tensors(straight), _adapter_tensors(killed)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+@requires_smollm2
+def test_short_mtlora_run_on_smollm2_lowers_the_loss(multitask_records, tmp_path):
+    output = tmp_path / "smollm2"
+    summary = run_training(*_args(None, multitask_records, output, max_steps=20, per_device_train_batch_size=8,
+                                  logging_steps=2, save_steps=100, learning_rate=1e-3))
+    losses = [entry["loss"] for entry in summary["log_history"] if "loss" in entry]
+    assert len(losses) == 10
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+    assert any("balance_loss" in e for e in summary["log_history"]) and any("spectral_loss" in e for e in summary["log_history"])
+    assert json.loads((output / "train_summary.json").read_text())["global_step"] == 20
+
+
+BAD_INPUTS = [
+    (["--method", "adalora"], "--method: unknown method 'adalora'"),
+    (["--lora_rank", "0"], "--lora_rank must be >= 1"),
+    (["--lora_nums", "0"], "--lora_nums (number of experts) must be >= 1"),
+    (["--enable_fine_grained_routing", "--routing_group_size", "48"], "--routing_group_size 48 does not divide the model's hidden size 64"),
+    (["--model_name_or_path", "./no/such/model"], "--model_name_or_path ./no/such/model: no such file or folder"),
+    (["--data_path", "missing.jsonl"], "--data_path missing.jsonl: no such file"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUTS)
+def test_bad_input_fails_fast_naming_the_flag(extra, message, tiny_model_dir, multitask_records, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--data_path", str(multitask_records),
+            "--output_dir", str(tmp_path / "out"), "--use_cpu"] + extra
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(argv)
+    assert message in str(exit_info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_record_is_reported_with_file_and_line(tiny_model_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "o")])
+    assert f"{data}:2: field 'output' must be a string" in str(exit_info.value)
