@@ -3,7 +3,8 @@
 Each record is fed in the training format, ``{bos}{instruction[\\ninput]}{eos}``, the answer is
 generated greedily up to EOS, and scored two ways: ``exact`` (normalised generation equals the
 normalised ``output``) and ``lenient`` (the normalised ``output`` occurs in the normalised
-generation). Accuracies per ``task_type`` and their unweighted average over tasks.
+generation); a record's optional ``references`` list adds other acceptable answers.
+Accuracies per ``task_type`` and their unweighted average over tasks.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def encode_record(tokenizer: PreTrainedTokenizerBase, record: dict) -> list[int]
     return bos + tokenizer.encode(prompt, add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
+def references(record: dict) -> list[str]:
+    """Acceptable answers: the optional ``references`` list (several valid targets), else ``output``."""
+    return record.get("references") or [record["output"]]
+
+
 def limit_per_task(records: Sequence[dict], limit: int | None) -> list[dict]:
     """The first ``limit`` records of each task (all when None), in file order."""
     if limit is None:
@@ -76,7 +82,8 @@ def evaluate_heldout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                for r in records]
     generations = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, desc="held-out")
     predictions = [{"task_type": r["task_type"], "output": r["output"], "generation": g,
-                    "exact": exact_match(g, r["output"]), "lenient": normalize(r["output"]) in normalize(g)}
+                    "exact": any(exact_match(g, ref) for ref in references(r)),
+                    "lenient": any(normalize(ref) in normalize(g) for ref in references(r))}
                    for r, g in zip(records, generations, strict=True)]
     summary = summarize_heldout(predictions)
     summary["settings"] = {**(metadata or {}), "limit": limit, "batch_size": batch_size,

@@ -1,0 +1,1 @@
+"""Data preparation for training and evaluation (see data/README.md)."""

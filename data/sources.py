@@ -1,0 +1,88 @@
+"""Where raw data comes from: a local --source path, or the Hugging Face Hub when it is reachable."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+HUB_HOST = "huggingface.co"
+
+
+class DataSourceError(RuntimeError):
+    """A data source is missing or malformed; the message names the flag or file to fix."""
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or huggingface.co cannot be reached quickly."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def require_hub(command: str, dataset: str, source_help: str) -> None:
+    """Raise a clear error naming --source when the Hub cannot be used."""
+    if not hub_reachable():
+        raise DataSourceError(
+            f"{command}: no --source given and {HUB_HOST} is unreachable (or offline mode is set), so "
+            f"{dataset} cannot be downloaded. Pass --source PATH: {source_help}")
+
+
+def load_hub_dataset(*args, **kwargs):
+    """``datasets.load_dataset``, imported lazily so offline use never needs the Hub machinery."""
+    from datasets import load_dataset
+
+    return load_dataset(*args, **kwargs)
+
+
+def read_json_records(path: str | Path) -> Iterator[dict]:
+    """Objects of a JSONL file, a JSON list, or a JSON object holding one list (e.g. {"data": [...]})."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataSourceError(f"--source {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        yield from _jsonl(path, text)
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        yield from _jsonl(path, text)  # JSON lines under a .json name
+        return
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataSourceError(f"--source {path}: expected a JSON list of records or JSONL")
+        data = lists[0]
+    yield from data
+
+
+def _jsonl(path: Path, text: str) -> Iterator[dict]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataSourceError(f"--source {path}, line {number}: not valid JSON ({error.msg})") from error
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """One JSON object per line, UTF-8, parent folders created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_json(path: str | Path, payload) -> None:
+    """Indented UTF-8 JSON, parent folders created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
