@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Table 3: routing granularity (number of output groups G)
+# Usage: bash tables/1_routing_granularity.sh [--scale small|paper] [--model_name_or_path PATH] [--num_gpus N] [--rows KEY ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec "${PYTHON:-python}" tables/run_table.py --table routing_granularity "$@"

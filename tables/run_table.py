@@ -1,0 +1,54 @@
+"""Run one paper table end to end (train + evaluate every row, then a Markdown/JSON table).
+
+    python tables/run_table.py --table main_ablation --scale small
+    python tables/run_table.py --table main_ablation --scale paper --model_name_or_path /models/llama-2-7b --num_gpus 8
+
+Rows already trained or evaluated are skipped; an interrupted training resumes from its last checkpoint.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mtlora.experiments.registry import SCALES, TABLES  # noqa: E402
+from mtlora.experiments.runner import RunSettings, run_table  # noqa: E402
+
+
+def default_eval_dir(name: str) -> str:
+    repo = Path(__file__).resolve().parents[1]
+    for candidate in (repo / "data" / "processed" / name, repo.parent / "shared" / "data" / name):
+        if candidate.is_dir():
+            return str(candidate)
+    return str(repo / "data" / "processed" / name)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", required=True, choices=sorted(TABLES))
+    parser.add_argument("--scale", default="small", choices=sorted(SCALES))
+    parser.add_argument("--model_name_or_path", default=None,
+                        help="default: the table's LLaMA-2 model at --scale paper, SmolLM2-135M at --scale small")
+    parser.add_argument("--num_gpus", type=int, default=max(1, torch.cuda.device_count()))
+    parser.add_argument("--results_dir", default="results")
+    parser.add_argument("--rows", nargs="+", default=None, help="only these row keys")
+    parser.add_argument("--no_base", action="store_true", help="skip the base-model (no adapter) row")
+    parser.add_argument("--bbh_dir", default=default_eval_dir("bbh"))
+    parser.add_argument("--mmlu_dir", default=default_eval_dir("mmlu"))
+    args = parser.parse_args(argv)
+    table, scale = TABLES[args.table], SCALES[args.scale]
+    if args.rows:
+        unknown = set(args.rows) - {r.key for r in table.rows}
+        if unknown:
+            parser.error(f"--rows: unknown {sorted(unknown)}; rows of {args.table}: {', '.join(r.key for r in table.rows)}")
+    model = args.model_name_or_path or (table.paper_model if args.scale == "paper" else scale.model_name_or_path)
+    settings = RunSettings(model_name_or_path=model, num_gpus=args.num_gpus, results_dir=Path(args.results_dir),
+                           bbh_dir=args.bbh_dir, mmlu_dir=args.mmlu_dir, use_cuda=torch.cuda.is_available())
+    run_table(args.table, args.scale, settings, only_rows=args.rows, with_base=not args.no_base)
+
+
+if __name__ == "__main__":
+    main()
