@@ -1,0 +1,148 @@
+"""Prompt construction (BBH, MMLU, held-out) against hand-written strings, and data loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from eval_fixtures import smollm2_tokenizer, write_bbh_folder, write_mmlu_folder  # noqa: F401 - fixture
+
+from mtlora.evaluation.bbh import _task_prompts, build_bbh_prompt, load_bbh_task, resolve_tasks
+from mtlora.evaluation.heldout import encode_record, limit_per_task
+from mtlora.evaluation.mmlu import (build_mmlu_prompt, fit_prompt, format_header, letter_token_ids, load_mmlu_csv,
+                                    resolve_subjects)
+from mtlora.prompts import build_training_prompt
+
+
+class CharTokenizer:
+    """One token per character (ord), BOS = 1 prepended: enough to test length logic exactly."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [ord(c) for c in text]
+        return type("Encoding", (), {"input_ids": [self.bos_token_id] + ids if add_special_tokens else ids})()
+
+    def encode(self, text, add_special_tokens=True):
+        return self(text, add_special_tokens).input_ids
+
+
+def decode(ids):
+    return "".join(chr(i) for i in ids if i > 2)
+
+
+EXEMPLARS = [{"input": "1 + 1 =", "target": "2"}, {"input": "Is it?", "target": "Yes"},
+             {"input": "Pick: (A) a (B) b", "target": "(B)"}]
+
+
+def test_bbh_prompt_matches_hand_written():
+    expected = ("Q: 1 + 1 =\nA: 2\n\n"
+                "Q: Is it?\nA: Yes\n\n"
+                "Q: Pick: (A) a (B) b\nA: (B)\n\n"
+                "Q: not True is\nA:")
+    assert build_bbh_prompt(EXEMPLARS, "not True is") == expected
+
+
+def test_bbh_exemplars_are_never_scored_and_limit_counts_scored_items():
+    items = EXEMPLARS + [{"input": f"q{i}", "target": "t"} for i in range(5)]
+    scored, prompts, truncated = _task_prompts(CharTokenizer(), items, limit=2, max_prompt_length=10_000)
+    assert [it["input"] for it in scored] == ["q0", "q1"]
+    assert decode(prompts[0]) == build_bbh_prompt(EXEMPLARS, "q0") and truncated == 0
+
+
+def test_bbh_overlong_prompt_is_cut_from_the_left_keeping_bos_and_counted():
+    items = EXEMPLARS + [{"input": "last question", "target": "t"}]
+    _, prompts, truncated = _task_prompts(CharTokenizer(), items, limit=None, max_prompt_length=20)
+    assert truncated == 1 and len(prompts[0]) == 20 and prompts[0][0] == 1
+    assert decode(prompts[0]).endswith("Q: last question\nA:")
+
+
+def test_bbh_loads_both_file_formats_and_rejects_others(tmp_path):
+    folder = write_bbh_folder(tmp_path / "bbh")
+    assert load_bbh_task(folder / "labels.json")[0] == {"input": "not True is", "target": "False"}
+    assert load_bbh_task(folder / "choices.json")[1]["target"] == "(A)"
+    (folder / "bad.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="bad.json"):
+        load_bbh_task(folder / "bad.json")
+
+
+def test_bbh_unknown_task_lists_valid_ones(tmp_path):
+    folder = write_bbh_folder(tmp_path / "bbh")
+    with pytest.raises(ValueError, match=r"--tasks.*nope.*choices, labels"):
+        resolve_tasks(folder, ["nope"])
+    with pytest.raises(FileNotFoundError, match="--data_dir"):
+        resolve_tasks(tmp_path / "missing", None)
+
+
+MMLU_DEV = [{"question": "2 + 2 = ?", "choices": ["3", "4", "5", "6"], "answer": "B"},
+            {"question": "Capital of France?", "choices": ["Paris", "Rome", "Oslo", "Bern"], "answer": "A"}]
+MMLU_TEST = {"question": "Largest planet?", "choices": ["Mars", "Venus", "Jupiter", "Earth"], "answer": "C"}
+
+
+def test_mmlu_prompt_matches_hand_written():
+    expected = ("Question: 2 + 2 = ?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B\n\n"
+                "Question: Capital of France?\nA. Paris\nB. Rome\nC. Oslo\nD. Bern\nAnswer: A\n\n"
+                "Question: Largest planet?\nA. Mars\nB. Venus\nC. Jupiter\nD. Earth\nAnswer:")
+    assert build_mmlu_prompt(MMLU_DEV, MMLU_TEST) == expected
+
+
+def test_mmlu_headers():
+    assert format_header("none", "high_school_physics") == ""
+    assert format_header("", "anatomy") == ""
+    assert format_header("hendrycks", "high_school_physics") == (
+        "The following are multiple choice questions (with answers) about high school physics.\n\n")
+    assert format_header("Subject: {subject}\n", "world_religions") == "Subject: world religions\n"
+    assert build_mmlu_prompt([], MMLU_TEST, "H\n").startswith("H\nQuestion: Largest planet?")
+
+
+def test_mmlu_fit_drops_whole_exemplars_first_then_cuts_left():
+    tokenizer = CharTokenizer()
+    full = len(tokenizer(build_mmlu_prompt(MMLU_DEV, MMLU_TEST)).input_ids)
+    ids, shots, cut = fit_prompt(tokenizer, MMLU_DEV, MMLU_TEST, "", full)
+    assert (shots, cut, len(ids)) == (2, False, full)
+    ids, shots, cut = fit_prompt(tokenizer, MMLU_DEV, MMLU_TEST, "", full - 1)
+    assert (shots, cut) == (1, False) and decode(ids) == build_mmlu_prompt(MMLU_DEV[:1], MMLU_TEST)
+    ids, shots, cut = fit_prompt(tokenizer, MMLU_DEV, MMLU_TEST, "", 30)
+    assert (shots, cut, len(ids), ids[0]) == (0, True, 30, 1)
+    assert decode(ids).endswith("D. Earth\nAnswer:")
+
+
+def test_mmlu_csv_formats(tmp_path):
+    with_header = tmp_path / "a_test.csv"
+    with_header.write_text('question,choice0,choice1,choice2,choice3,answer\n"Q, one?",a,b,c,d,2\nQ2,a,b,c,d,D\n')
+    headerless = tmp_path / "b_test.csv"
+    headerless.write_text("Q3,a,b,c,d,A\n")
+    assert load_mmlu_csv(with_header) == [{"question": "Q, one?", "choices": ["a", "b", "c", "d"], "answer": "C"},
+                                          {"question": "Q2", "choices": ["a", "b", "c", "d"], "answer": "D"}]
+    assert load_mmlu_csv(headerless)[0]["answer"] == "A"
+    bad = tmp_path / "c_test.csv"
+    bad.write_text("Q,a,b,c,d,7\n")
+    with pytest.raises(ValueError, match=r"c_test.csv, row 1"):
+        load_mmlu_csv(bad)
+
+
+def test_mmlu_unknown_subject_lists_valid_ones(tmp_path):
+    folder = write_mmlu_folder(tmp_path / "mmlu")
+    assert resolve_subjects(folder, None) == ["anatomy", "philosophy"]
+    with pytest.raises(ValueError, match=r"--subjects.*astrology.*anatomy, philosophy"):
+        resolve_subjects(folder, ["astrology"])
+
+
+def test_letter_tokens_are_the_space_prefixed_ones(smollm2_tokenizer):  # noqa: F811 - fixture
+    ids = letter_token_ids(smollm2_tokenizer)
+    assert ids == [smollm2_tokenizer(f" {x}", add_special_tokens=False).input_ids[0] for x in "ABCD"]
+    assert [smollm2_tokenizer.decode([i]) for i in ids] == [" A", " B", " C", " D"]
+
+
+def test_training_prompt_and_heldout_encoding():
+    assert build_training_prompt("Translate.", "bonjour") == "Translate.\nbonjour"
+    assert build_training_prompt("Say hi.", "") == "Say hi."
+    record = {"instruction": "Hi", "input": "x", "output": "o", "task_type": "t"}
+    assert encode_record(CharTokenizer(), record) == [1, ord("H"), ord("i"), ord("\n"), ord("x"), 2]
+
+
+def test_heldout_limit_is_per_task_in_file_order():
+    records = [{"task_type": t, "n": i} for i, t in enumerate("aabab")]
+    assert [r["n"] for r in limit_per_task(records, 1)] == [0, 2]
+    assert len(limit_per_task(records, None)) == 5

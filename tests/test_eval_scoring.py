@@ -1,0 +1,148 @@
+"""Answer extraction, both scorers of each benchmark on hand-made outputs, and the batching helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from eval_fixtures import tiny_llama
+
+from mtlora.evaluation.answers import (CHOICE, FREE, LABEL, NUMBER, answer_line, argmax_letter, exact_match,
+                                       extract_answer, infer_answer_kind, lenient_match, normalize,
+                                       score_generated_letter)
+from mtlora.evaluation.batching import (generate_batched, left_pad, length_sorted_batches, next_token_scores,
+                                        position_ids_from_mask, truncate_left)
+from mtlora.evaluation.bbh import score_bbh_task, summarize_bbh
+from mtlora.evaluation.heldout import summarize_heldout
+from mtlora.evaluation.mmlu import OTHER, STEM, score_subject, summarize_mmlu
+
+YES_NO = frozenset({"yes", "no"})
+TRUE_FALSE = frozenset({"true", "false"})
+VALID = frozenset({"valid", "invalid"})
+
+
+@pytest.mark.parametrize(("targets", "kind"), [
+    (["(A)", "(C)"], CHOICE), (["Yes", "No"], LABEL), (["True"], LABEL), (["valid", "invalid"], LABEL),
+    (["12", "-3"], NUMBER), (["a b c", "d"], FREE), ([") ] }"], FREE),
+    (["(A)"] * 40 + ["Monsters, Inc"], CHOICE),  # stray free-text target in movie_recommendation
+])
+def test_answer_kind_inference(targets, kind):
+    assert infer_answer_kind(targets)[0] == kind
+
+
+@pytest.mark.parametrize(("generation", "kind", "vocabulary", "expected"), [
+    (" (B)\n\nQ: next question (A)", CHOICE, frozenset(), "(B)"),
+    (" The answer is (c).", CHOICE, frozenset(), "(C)"),
+    (" B) because", CHOICE, frozenset(), "(B)"),
+    (" A", CHOICE, frozenset(), "(A)"),
+    (" I am not sure", CHOICE, frozenset(), ""),
+    (" C. Paris", CHOICE, frozenset(), "(C)"),
+    (" 1,234 apples", NUMBER, frozenset(), "1234"),
+    (" -17\nQ: 3 + 4 = 7", NUMBER, frozenset(), "-17"),
+    (" seven", NUMBER, frozenset(), ""),
+    (" No, because it rains. Yes.", LABEL, YES_NO, "No"),
+    (" So the answer is yes", LABEL, YES_NO, "yes"),
+    (" invalid", LABEL, VALID, "invalid"),
+    (" The argument is valid, not invalid", LABEL, VALID, "valid"),
+    (" False\n\nQ: True and True is\nA: True", LABEL, TRUE_FALSE, "False"),
+    (" yesterday", LABEL, YES_NO, ""),
+    (" apple banana cherry\nQ: Sort", FREE, frozenset(), "apple banana cherry"),
+    ("\n\n ) ] }\n", FREE, frozenset(), ") ] }"),
+    ("", FREE, frozenset(), ""),
+])
+def test_extract_answer(generation, kind, vocabulary, expected):
+    assert extract_answer(generation, kind, vocabulary) == expected
+
+
+def test_answer_line_stops_at_next_question():
+    assert answer_line(" (A)\nQ: more") == "(A)"
+    assert answer_line("\nQ: nothing answered") == ""
+
+
+def test_normalise_and_matchers():
+    assert normalize("  Apple   Banana. ") == "apple banana"
+    assert exact_match("Yes", "yes") and exact_match(") ]", ")  ]") and not exact_match("(A)", "(B)")
+    assert lenient_match(" the answer is (a) or (b)", "(A)")  # the paper's scorer: containment
+    assert lenient_match(" 12", "1") and not lenient_match(" no", "Yes")
+
+
+def test_bbh_task_scores_both_ways_and_macro_average():
+    items = [{"input": "q", "target": t} for t in ("(A)", "(B)", "(C)", "(A)")]
+    generations = [" (A)", " (A) or (B)", " C", " none"]
+    result = score_bbh_task("t", items, generations)
+    assert [p["exact"] for p in result["predictions"]] == [True, False, True, False]
+    assert [p["lenient"] for p in result["predictions"]] == [True, True, False, False]
+    assert (result["exact"], result["lenient"], result["answer_kind"]) == (0.5, 0.5, CHOICE)
+    other = score_bbh_task("u", [{"input": "q", "target": "Yes"}], [" Yes"])
+    for r in (result, other):
+        r["num_truncated"] = 0
+    summary = summarize_bbh({"t": result, "u": other}, {})
+    assert summary["macro_avg"] == {"lenient": 0.75, "exact": 0.75} and summary["num_examples"] == 5
+
+
+def test_kind_comes_from_all_task_targets_when_given():
+    # With only "Yes" among the scored items, the label vocabulary must still come from the whole task.
+    result = score_bbh_task("t", [{"input": "q", "target": "Yes"}], [" no"], kind_targets=["Yes", "No"])
+    assert result["predictions"][0]["extracted"] == "no"
+
+
+def test_mmlu_scorers_micro_macro_and_categories():
+    assert score_generated_letter(" B", "B") and score_generated_letter("B\n", "B")
+    assert not score_generated_letter(" b", "B") and not score_generated_letter(" Because", "B")
+    assert argmax_letter([-1.0, -0.5, -0.5, -3.0]) == "B"  # first on ties
+    items = [{"answer": a} for a in "ABC"]
+    fits = [(5, False)] * 3
+    algebra = score_subject("abstract_algebra", items, fits, [" A", " C", " C"],
+                            [[-0.1, -2, -3, -4], [-2, -0.1, -3, -4], [-1, -2, -3, -0.5]])
+    assert (algebra["generate"], algebra["loglik"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    anatomy = score_subject("anatomy", [{"answer": "D"}], [(3, False)], [" A"], [[-4, -3, -2, -1]])
+    summary = summarize_mmlu({"abstract_algebra": algebra, "anatomy": anatomy}, {"num_shots": 5})
+    assert summary["scorers"]["generate"]["micro"] == pytest.approx(2 / 4)
+    assert summary["scorers"]["generate"]["macro"] == pytest.approx((2 / 3 + 0) / 2)
+    assert summary["scorers"]["loglik"]["micro"] == pytest.approx(3 / 4)
+    assert summary["scorers"]["loglik"]["categories"] == {STEM: pytest.approx(2 / 3), OTHER: 1.0}
+    assert summary["truncation"] == {"prompts_with_dropped_exemplars": 1, "prompts_cut_from_left": 0}
+
+
+def test_heldout_summary_averages_over_tasks():
+    predictions = [{"task_type": "a", "exact": True, "lenient": True}, {"task_type": "a", "exact": False, "lenient": True},
+                   {"task_type": "b", "exact": False, "lenient": False}]
+    summary = summarize_heldout(predictions)
+    assert summary["average"] == {"exact": 0.25, "lenient": 0.5}
+
+
+def test_batching_helpers():
+    assert length_sorted_batches([1, 5, 3, 5], 2) == [[1, 3], [2, 0]]
+    input_ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert truncate_left([1, 10, 11, 12], 3, keep_first=1) == [1, 11, 12]
+    assert truncate_left([10, 11, 12], 2, keep_first=1) == [11, 12]
+    with pytest.raises(ValueError, match="--batch_size"):
+        length_sorted_batches([1], 0)
+
+
+class IdTokenizer:
+    """Minimal tokenizer stand-in for the batching functions (they only need ids and decode)."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 2, 1
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+def test_batched_scores_match_one_at_a_time_on_a_random_model():
+    model = tiny_llama(vocab_size=50, seed=0)
+    prompts = [[1, 5, 9, 13, 7], [1, 8], [1, 3, 3, 4, 20, 21, 22], [1, 40, 41]]
+    batched = next_token_scores(model, IdTokenizer(), prompts, [3, 4, 5], batch_size=3)
+    generated = generate_batched(model, IdTokenizer(), prompts, max_new_tokens=5, batch_size=3)
+    for index, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            logits = model(ids).logits[0, -1]
+        reference = torch.log_softmax(logits, -1)[[3, 4, 5]]
+        assert batched.greedy_ids[index] == int(logits.argmax())
+        assert torch.allclose(torch.tensor(batched.candidate_logprobs[index]), reference, atol=1e-5)
+        new_tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                    eos_token_id=[2])[0, len(prompt):].tolist()
+        until_eos = new_tokens[:new_tokens.index(2)] if 2 in new_tokens else new_tokens
+        assert generated[index] == IdTokenizer().decode(until_eos)
