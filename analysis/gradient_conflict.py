@@ -105,8 +105,13 @@ def conflict_summary(cosines: dict[int, np.ndarray]) -> dict:
 
 def fresh_configs(base: AdapterConfig, block_adapter_type: str = "ffn") -> dict[str, AdapterConfig]:
     """The component-level config ``base`` and its block-level twin (same method, rank, experts)."""
+    if base.method not in ("hydralora", "mtlora"):
+        raise ValueError(f"--method {base.method}: fresh adapters are compared at component and block level, "
+                         "which needs --method hydralora or mtlora (or pass --checkpoints)")
     component = dataclasses.replace(base, enable_block_adapter=False)
     block = dataclasses.replace(base, enable_block_adapter=True, block_adapter_type=block_adapter_type)
+    for config in (component, block):
+        config.validate()  # fail before loading anything
     return {"component": component, "block": block}
 
 
@@ -161,9 +166,9 @@ def gradient_conflict(data_path: str, output_dir: str, checkpoints: list[tuple[s
     """Per-task gradient cosines of labelled checkpoints, or of fresh component/block adapters from ``fresh``."""
     if bool(checkpoints) == (fresh is not None):
         raise ValueError("give either --checkpoints or the method flags for fresh adapters, not both")
+    configs = checkpoints or list(fresh_configs(fresh, block_adapter_type).items())
     records = sample_records_by_task(data_path, samples_per_task, seed, min_tasks=2)
     results = {}
-    configs = checkpoints or list(fresh_configs(fresh, block_adapter_type).items())
     for label, source in configs:
         if checkpoints:
             model, tokenizer, config = load_checkpoint(source, model_name_or_path, dtype, device)
@@ -184,7 +189,7 @@ def gradient_conflict(data_path: str, output_dir: str, checkpoints: list[tuple[s
 
 def _method_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fresh adapters (used when --checkpoints is not given)")
-    group.add_argument("--method", default="hydralora", help="hydralora | mtlora | lora")
+    group.add_argument("--method", default="hydralora", help="hydralora | mtlora (both have a block-level form)")
     group.add_argument("--lora_rank", type=int, default=16)
     group.add_argument("--lora_alpha", type=float, default=64.0)
     group.add_argument("--lora_nums", type=int, default=16)
