@@ -33,7 +33,10 @@ def _bbh_from_folder(folder: Path) -> dict[str, list[dict]]:
     files = sorted(folder.glob("*.json"))
     if not files:
         raise DataSourceError(f"--source {folder}: holds no <task>.json files")
-    return {path.stem: load_bbh_task(path) for path in files}
+    try:
+        return {path.stem: load_bbh_task(path) for path in files}
+    except ValueError as error:  # malformed file (bad JSON or layout): the message names it
+        raise DataSourceError(f"--source: {error}") from error
 
 
 def _bbh_from_hub() -> dict[str, list[dict]]:
@@ -60,7 +63,10 @@ def _mmlu_from_folder(folder: Path) -> dict[str, dict[str, list[dict]]]:
         files = sorted((folder / split).glob(f"*_{split}.csv"))
         if not files:
             raise DataSourceError(f"--source {folder}: expected {split}/<subject>_{split}.csv files")
-        splits[split] = {path.name[:-len(f"_{split}.csv")]: load_mmlu_csv(path) for path in files}
+        try:
+            splits[split] = {path.name[:-len(f"_{split}.csv")]: load_mmlu_csv(path) for path in files}
+        except ValueError as error:  # malformed row: the message names file and row
+            raise DataSourceError(f"--source: {error}") from error
     return splits
 
 

@@ -1,0 +1,135 @@
+"""The evaluators on real data with the real SmolLM2-135M (few items), and CLI smoke tests.
+
+The batched scorers must agree with a slow reference loop that runs one example at a time with no
+padding: same generations / greedy tokens, log-probs within tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from eval_fixtures import (SHARED_DATA, skip_without_shared_data, skip_without_smollm2, smollm2,  # noqa: F401
+                           tiny_llama, write_bbh_folder, write_mmlu_folder)
+
+import eval_bbh
+import eval_heldout
+import eval_mmlu
+from mtlora.evaluation.bbh import NUM_EXEMPLARS, build_bbh_prompt, load_bbh_task, run_bbh
+from mtlora.evaluation.mmlu import NUM_SHOTS, build_mmlu_prompt, letter_token_ids, load_subject, run_mmlu
+
+BBH_TASKS = ["boolean_expressions", "sports_understanding"]  # the shortest prompts: keeps CPU time low
+MMLU_SUBJECTS = ["world_religions", "management"]
+ITEMS = 4
+
+
+@pytest.fixture(scope="module")
+def shared_data():
+    skip_without_shared_data()
+    return SHARED_DATA
+
+
+def reference_generation(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """One prompt, no padding, plain greedy generate."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[:new.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_bbh_batched_matches_reference_loop(smollm2, shared_data, tmp_path):  # noqa: F811
+    model, tokenizer = smollm2
+    summary = run_bbh(model, tokenizer, shared_data / "bbh", tasks=BBH_TASKS, limit=ITEMS, batch_size=4,
+                      max_new_tokens=16, output_dir=tmp_path)
+    assert summary["num_examples"] == 2 * ITEMS and summary["num_truncated"] == 0
+    for value in (*summary["macro_avg"].values(), *(t[k] for t in summary["tasks"].values() for k in ("exact", "lenient"))):
+        assert 0.0 <= value <= 1.0
+    for task in BBH_TASKS:
+        items = load_bbh_task(shared_data / "bbh" / f"{task}.json")
+        saved = json.loads((tmp_path / "tasks" / f"{task}.json").read_text())
+        for item, prediction in zip(items[NUM_EXEMPLARS:NUM_EXEMPLARS + ITEMS], saved["predictions"], strict=True):
+            assert prediction["input"] == item["input"]
+            expected = reference_generation(model, tokenizer, build_bbh_prompt(items[:NUM_EXEMPLARS], item["input"]), 16)
+            assert prediction["generation"] == expected
+    assert (tmp_path / "summary.md").read_text().count("\n") >= 4
+
+
+def test_mmlu_batched_matches_reference_loop(smollm2, shared_data, tmp_path):  # noqa: F811
+    model, tokenizer = smollm2
+    summary = run_mmlu(model, tokenizer, shared_data / "mmlu", subjects=MMLU_SUBJECTS, limit=ITEMS,
+                       batch_size=4, output_dir=tmp_path)
+    assert summary["num_examples"] == 2 * ITEMS
+    assert summary["truncation"] == {"prompts_with_dropped_exemplars": 0, "prompts_cut_from_left": 0}
+    for scorer in summary["scorers"].values():
+        assert 0.0 <= scorer["micro"] <= 1.0 and 0.0 <= scorer["macro"] <= 1.0 and len(scorer["categories"]) == 2
+    letters = letter_token_ids(tokenizer)
+    for subject in MMLU_SUBJECTS:
+        dev, test = load_subject(shared_data / "mmlu", subject)
+        saved = json.loads((tmp_path / "subjects" / f"{subject}.json").read_text())
+        for item, prediction in zip(test[:ITEMS], saved["predictions"], strict=True):
+            prompt = build_mmlu_prompt(dev[:NUM_SHOTS], item)
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(ids).logits[0, -1].float(), -1)[letters]
+            assert list(prediction["logprobs"].values()) == pytest.approx(logprobs.tolist(), abs=2e-3)
+            assert prediction["generated_token"] == reference_generation(model, tokenizer, prompt, 1)
+            assert prediction["answer"] == item["answer"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer LLaMA with the SmolLM2 tokenizer, saved as an HF folder."""
+    skip_without_smollm2()
+    from mtlora.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_eval_bbh_cli_smoke(tiny_model_dir, tmp_path, capsys):
+    data = write_bbh_folder(tmp_path / "bbh")
+    out = tmp_path / "out"
+    assert eval_bbh.main(["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(data), "--limit", "2",
+                          "--max_new_tokens", "4", "--batch_size", "2", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["tasks"]) == {"choices", "labels"} and summary["num_examples"] == 4
+    assert summary["settings"]["model"] == str(tiny_model_dir)
+    assert len(json.loads((out / "tasks" / "labels.json").read_text())["predictions"]) == 2
+    assert "macro average" in capsys.readouterr().out
+
+
+def test_eval_mmlu_cli_smoke(tiny_model_dir, tmp_path):
+    data = write_mmlu_folder(tmp_path / "mmlu")
+    out = tmp_path / "out"
+    assert eval_mmlu.main(["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(data), "--limit", "2",
+                           "--subjects", "anatomy", "--prompt_header", "hendrycks", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_examples"] == 2 and list(summary["subjects"]) == ["anatomy"]
+    assert (out / "subjects" / "anatomy.json").is_file() and (out / "summary.md").is_file()
+
+
+def test_eval_heldout_cli_smoke(tiny_model_dir, tmp_path):
+    records = [{"instruction": f"Say {w}.", "input": "", "output": w, "task_type": t}
+               for w, t in (("yes", "a"), ("no", "a"), ("hi", "b"))]
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    assert eval_heldout.main(["--model_name_or_path", str(tiny_model_dir), "--eval_file", str(eval_file),
+                              "--max_new_tokens", "3", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_examples"] == 3 and set(summary["tasks"]) == {"a", "b"}
+
+
+def test_cli_rejects_bad_input_before_loading_a_model(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        eval_bbh.main(["--data_dir", str(tmp_path / "missing")])
+    assert "--data_dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_mmlu.main(["--data_dir", str(write_mmlu_folder(tmp_path / "m")), "--subjects", "astrology"])
+    assert "anatomy, philosophy" in capsys.readouterr().err
