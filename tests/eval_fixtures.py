@@ -54,6 +54,15 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def randomize_adapters(model, seed: int = 0, scale: float = 0.3):
+    """Give every trainable (adapter) parameter random values, so the adapters change the output."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return model
+
+
 def write_bbh_folder(folder: Path) -> Path:
     """Two small BBH-format tasks: a list-format label task and an upstream-format choice task."""
     folder.mkdir(parents=True, exist_ok=True)

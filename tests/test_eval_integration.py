@@ -10,14 +10,17 @@ import json
 
 import pytest
 import torch
-from eval_fixtures import (SHARED_DATA, skip_without_shared_data, skip_without_smollm2, smollm2,  # noqa: F401
-                           tiny_llama, write_bbh_folder, write_mmlu_folder)
+from eval_fixtures import (SHARED_DATA, randomize_adapters, skip_without_shared_data, skip_without_smollm2,  # noqa: F401
+                           smollm2, tiny_llama, write_bbh_folder, write_mmlu_folder)
 
 import eval_bbh
 import eval_heldout
 import eval_mmlu
+from mtlora.checkpoint import save_adapter
+from mtlora.config import AdapterConfig
 from mtlora.evaluation.bbh import NUM_EXEMPLARS, build_bbh_prompt, load_bbh_task, run_bbh
 from mtlora.evaluation.mmlu import NUM_SHOTS, build_mmlu_prompt, letter_token_ids, load_subject, run_mmlu
+from mtlora.injection import attach_adapters
 
 BBH_TASKS = ["boolean_expressions", "sports_understanding"]  # the shortest prompts: keeps CPU time low
 MMLU_SUBJECTS = ["world_religions", "management"]
@@ -102,6 +105,26 @@ def test_eval_bbh_cli_smoke(tiny_model_dir, tmp_path, capsys):
     assert summary["settings"]["model"] == str(tiny_model_dir)
     assert len(json.loads((out / "tasks" / "labels.json").read_text())["predictions"]) == 2
     assert "macro average" in capsys.readouterr().out
+
+
+def test_eval_bbh_cli_with_adapter_checkpoint(tiny_model_dir, tmp_path):
+    from mtlora.loading import load_base_model
+
+    config = AdapterConfig(method="mtlora", lora_rank=4, lora_nums=2, enable_block_adapter=True,
+                           enable_fine_grained_routing=True, routing_group_size=32)
+    model = randomize_adapters(attach_adapters(load_base_model(str(tiny_model_dir)), config))
+    checkpoint = save_adapter(model, config, tmp_path / "adapter")
+    data = write_bbh_folder(tmp_path / "bbh")
+    args = ["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(data), "--limit", "2",
+            "--max_new_tokens", "4"]
+    assert eval_bbh.main([*args, "--output_dir", str(tmp_path / "base")]) == 0
+    assert eval_bbh.main([*args, "--lora_checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "ad")]) == 0
+    summary = json.loads((tmp_path / "ad" / "summary.json").read_text())
+    assert summary["settings"]["lora_checkpoint"] == str(checkpoint)
+    generations = {run: [p["generation"] for task in ("labels", "choices")
+                         for p in json.loads((tmp_path / run / "tasks" / f"{task}.json").read_text())["predictions"]]
+                   for run in ("base", "ad")}
+    assert generations["base"] != generations["ad"]  # the adapter is really applied
 
 
 def test_eval_mmlu_cli_smoke(tiny_model_dir, tmp_path):

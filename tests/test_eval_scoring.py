@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from eval_fixtures import tiny_llama
+from eval_fixtures import randomize_adapters, tiny_llama
 
+from mtlora.config import AdapterConfig
 from mtlora.evaluation.answers import (CHOICE, FREE, LABEL, NUMBER, answer_line, argmax_letter, exact_match,
                                        extract_answer, infer_answer_kind, lenient_match, normalize,
                                        score_generated_letter)
@@ -14,6 +15,7 @@ from mtlora.evaluation.batching import (generate_batched, left_pad, length_sorte
 from mtlora.evaluation.bbh import score_bbh_task, summarize_bbh
 from mtlora.evaluation.heldout import summarize_heldout
 from mtlora.evaluation.mmlu import OTHER, STEM, score_subject, summarize_mmlu
+from mtlora.injection import attach_adapters
 
 YES_NO = frozenset({"yes", "no"})
 TRUE_FALSE = frozenset({"true", "false"})
@@ -89,12 +91,12 @@ def test_mmlu_scorers_micro_macro_and_categories():
     assert score_generated_letter(" B", "B") and score_generated_letter("B\n", "B")
     assert not score_generated_letter(" b", "B") and not score_generated_letter(" Because", "B")
     assert argmax_letter([-1.0, -0.5, -0.5, -3.0]) == "B"  # first on ties
-    items = [{"answer": a} for a in "ABC"]
+    items = [{"question": "q", "answer": a} for a in "ABC"]
     fits = [(5, False)] * 3
     algebra = score_subject("abstract_algebra", items, fits, [" A", " C", " C"],
                             [[-0.1, -2, -3, -4], [-2, -0.1, -3, -4], [-1, -2, -3, -0.5]])
     assert (algebra["generate"], algebra["loglik"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
-    anatomy = score_subject("anatomy", [{"answer": "D"}], [(3, False)], [" A"], [[-4, -3, -2, -1]])
+    anatomy = score_subject("anatomy", [{"question": "q", "answer": "D"}], [(3, False)], [" A"], [[-4, -3, -2, -1]])
     summary = summarize_mmlu({"abstract_algebra": algebra, "anatomy": anatomy}, {"num_shots": 5})
     assert summary["scorers"]["generate"]["micro"] == pytest.approx(2 / 4)
     assert summary["scorers"]["generate"]["macro"] == pytest.approx((2 / 3 + 0) / 2)
@@ -130,8 +132,21 @@ class IdTokenizer:
         return " ".join(str(i) for i in ids)
 
 
-def test_batched_scores_match_one_at_a_time_on_a_random_model():
+ADAPTERS = {
+    "base": None,
+    "hydralora": AdapterConfig(method="hydralora", lora_rank=4, lora_nums=3, lora_dropout=0.0),
+    "mtlora_block_fgr": AdapterConfig(method="mtlora", lora_rank=4, lora_nums=3, lora_dropout=0.0,
+                                      enable_block_adapter=True, block_adapter_type="both",
+                                      enable_fine_grained_routing=True, routing_group_size=16),
+}
+
+
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+def test_batched_scores_match_one_at_a_time_on_a_random_model(adapter):
+    # Routed adapters act per token, so left padding must not change any real token's output either.
     model = tiny_llama(vocab_size=50, seed=0)
+    if ADAPTERS[adapter] is not None:
+        randomize_adapters(attach_adapters(model, ADAPTERS[adapter])).eval()
     prompts = [[1, 5, 9, 13, 7], [1, 8], [1, 3, 3, 4, 20, 21, 22], [1, 40, 41]]
     batched = next_token_scores(model, IdTokenizer(), prompts, [3, 4, 5], batch_size=3)
     generated = generate_batched(model, IdTokenizer(), prompts, max_new_tokens=5, batch_size=3)

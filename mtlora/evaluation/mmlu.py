@@ -172,7 +172,7 @@ def score_subject(subject: str, items: Sequence[dict], fits: Sequence[tuple[int,
     for index, (item, (shots, cut), token, scores) in enumerate(zip(items, fits, generated, logprobs, strict=True)):
         loglik_letter = argmax_letter(scores)
         predictions.append({
-            "index": index, "answer": item["answer"], "generated_token": token,
+            "index": index, "question": item["question"], "answer": item["answer"], "generated_token": token,
             "generate_correct": score_generated_letter(token, item["answer"]),
             "loglik_prediction": loglik_letter, "loglik_correct": loglik_letter == item["answer"],
             "logprobs": dict(zip(LETTERS, scores)), "num_shots": shots, "left_truncated": cut,
