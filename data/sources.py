@@ -64,7 +64,7 @@ def read_json_records(path: str | Path) -> Iterator[dict]:
 
 
 def _jsonl(path: Path, text: str) -> Iterator[dict]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
                 yield json.loads(line)

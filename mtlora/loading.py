@@ -85,11 +85,18 @@ def load_base_model(model_name_or_path: str | None = None, dtype: torch.dtype = 
         return build_meta_model(folder, dtype)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    if gguf_file:
-        # GGUF tensors are de-quantized to float on load: the result is an ordinary float model,
-        # not a quantized one (which the Trainer would refuse to fine-tune).
+    quantization = getattr(model.config, "quantization_config", None) or {}
+    if gguf_file or _quant_method(quantization) == "gguf":
+        # GGUF tensors are de-quantized to float on load (also in a folder saved from such a model):
+        # the result is an ordinary float model, not a quantized one the Trainer would refuse to train.
         model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model.to(device)
+
+
+def _quant_method(quantization) -> str | None:
+    return quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
 
 
 def load_tokenizer(model_name_or_path: str | None = None) -> PreTrainedTokenizerBase:

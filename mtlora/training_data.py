@@ -36,7 +36,7 @@ def _raw_records(path: Path) -> list[tuple[int, object]]:
             raise DataFormatError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
         return [(index + 1, value) for index, value in enumerate(values)]  # record index for JSON lists
     records = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # three tables share one GPU
 RESULTS=${RESULTS_DIR:-results}
 mkdir -p "$RESULTS/logs"
 pids=()

@@ -137,3 +137,22 @@ def test_malformed_record_is_reported_with_file_and_line(tiny_model_dir, tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         train_main(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "o")])
     assert f"{data}:2: field 'output' must be a string" in str(exit_info.value)
+
+
+def test_records_may_contain_unicode_line_separators(tmp_path):
+    data = tmp_path / "records.jsonl"
+    record = {"instruction": "split\u2028here", "input": "a\x85b", "output": "ok"}
+    data.write_text(json.dumps(record, ensure_ascii=False) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    assert [r["instruction"] for r in read_instruction_records(data)] == ["split\u2028here"] * 2
+
+
+@requires_smollm2
+def test_a_folder_saved_from_the_gguf_model_loads_as_a_trainable_float_model(tmp_path):
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from mtlora.loading import load_base_model
+
+    load_base_model(None).save_pretrained(tmp_path / "smollm2")
+    model = attach_adapters(load_base_model(str(tmp_path / "smollm2")), AdapterConfig(method="lora"))
+    validate_quantization_for_training(model)
+    assert getattr(model.config, "quantization_config", None) is None

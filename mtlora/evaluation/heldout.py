@@ -30,7 +30,7 @@ def load_records(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"--eval_file {path}: no such file (e.g. data/processed/bigbench25/eval.jsonl)")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         record = json.loads(line)

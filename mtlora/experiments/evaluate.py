@@ -18,6 +18,9 @@ from mtlora.evaluation.mmlu import run_mmlu
 from mtlora.loading import load_model_for_eval
 
 SUITES = ("heldout", "bbh", "mmlu")
+# Held-out prompts are cut (from the left) to this many tokens: training saw at most 512 per sequence,
+# and a few BIG-bench inputs run to thousands of tokens, which would dominate memory and time.
+HELDOUT_MAX_LENGTH = 1024
 
 
 def suite_dir(run_dir: str | Path, suite: str) -> Path:
@@ -41,7 +44,8 @@ def evaluate_run(run_dir: str | Path, suites: list[str], model_name_or_path: str
         out = suite_dir(run_dir, suite)
         if suite == "heldout":
             evaluate_heldout(model, tokenizer, load_records(data["heldout"]), batch_size=batch_size, max_new_tokens=32,
-                             limit=limits.get("heldout"), output_dir=out, metadata=metadata)
+                             limit=limits.get("heldout"), max_length=HELDOUT_MAX_LENGTH, output_dir=out,
+                             metadata=metadata)
         elif suite == "bbh":
             run_bbh(model, tokenizer, data["bbh"], limit=limits.get("bbh"), batch_size=batch_size,
                     output_dir=out, metadata=metadata)

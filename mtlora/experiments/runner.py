@@ -65,7 +65,8 @@ def train_flags(row: Row, track: Track, hidden_size: int) -> dict:
 
 def run_dir_for(settings: RunSettings, scale: Scale, track: Track, name: str, flags: dict) -> Path:
     digest = hashlib.sha1(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:8]
-    return settings.results_dir / scale.name / "runs" / track.name / f"{name}-{digest}"
+    existing = sorted((settings.results_dir / scale.name / "runs" / track.name).glob(f"*-{digest}"))
+    return existing[0] if existing else settings.results_dir / scale.name / "runs" / track.name / f"{name}-{digest}"
 
 
 def as_cli(flags: dict) -> list[str]:
@@ -115,7 +116,7 @@ def _run(command: list[str], log_path: Path) -> None:
         log.flush()
         result = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-30:])
+        tail = "\n".join(log_path.read_text().split("\n")[-30:])
         raise RuntimeError(f"step failed (exit {result.returncode}), log {log_path}:\n{tail}")
 
 
@@ -140,7 +141,7 @@ def run_lorahub(settings: RunSettings, scale: Scale, track: Track, flags: dict, 
     """LoRAHub: one LoRA per group of training tasks, then a gradient-free composition on BBH exemplars."""
     if is_adapter_checkpoint(run_dir):
         return
-    records = [json.loads(line) for line in Path(train_data).read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in Path(train_data).read_text().split("\n") if line.strip()]
     tasks = sorted({r.get("task_type") or "default" for r in records})
     modules = []
     for index in range(min(num_modules, len(tasks))):
@@ -221,8 +222,8 @@ def check_inputs(settings: RunSettings, scale: Scale, tracks: list[Track]) -> in
 def task_count_tracks(scale: Scale, settings: RunSettings) -> list[Track]:
     """Training sets restricted to the first N tasks of the multi-task pool, for N in the scale's task counts."""
     base = scale.tracks[0]
-    train = [json.loads(line) for line in Path(base.train_data).read_text().splitlines() if line.strip()]
-    heldout = [json.loads(line) for line in Path(base.heldout_data).read_text().splitlines() if line.strip()]
+    train = [json.loads(line) for line in Path(base.train_data).read_text().split("\n") if line.strip()]
+    heldout = [json.loads(line) for line in Path(base.heldout_data).read_text().split("\n") if line.strip()]
     tasks = sorted({r["task_type"] for r in train})
     tracks = []
     for count in scale.task_counts:
