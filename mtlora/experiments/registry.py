@@ -123,7 +123,7 @@ SCALES = {
                       heldout_data=f"{BIGBENCH_DIR}/eval.jsonl"),),
         training={"per_device_train_batch_size": 16, "num_train_epochs": 1, "max_seq_length": 512,
                   "learning_rate": 1e-3, "bf16": True, "gradient_checkpointing": False, "save_steps": 100},
-        effective_batch_size=32, eval_limits={"bbh": 20, "mmlu": 10, "heldout": 20}, eval_batch_size=32,
+        effective_batch_size=32, eval_limits={"bbh": 20, "mmlu": 10, "heldout": 20}, eval_batch_size=64,
         task_counts=(5, 15, 25),
     ),
 }
