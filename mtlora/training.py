@@ -37,11 +37,31 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
     return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
 
 
+def deepspeed_zero_stage(training_args: AdapterTrainingArguments) -> int | None:
+    """The ZeRO stage of --deepspeed (a JSON path or dict), or None without DeepSpeed."""
+    config = training_args.deepspeed
+    if not config:
+        return None
+    if isinstance(config, str):
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"--deepspeed {config}: no such file")
+        config = json.loads(Path(config).read_text())
+    return config.get("zero_optimization", {}).get("stage", 0)
+
+
+def check_distributed_support(method_args: MethodArguments, training_args: AdapterTrainingArguments) -> None:
+    """Spectral regularisation reads whole expert matrices, which ZeRO-3 partitions across ranks."""
+    if method_args.enable_spectral_reg and deepspeed_zero_stage(training_args) == 3:
+        raise ValueError("--enable_spectral_reg needs every expert matrix whole on each rank, which ZeRO-3 "
+                         "partitions: use --deepspeed configs/ds_zero2.json or plain DDP")
+
+
 def run_training(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
                  training_args: AdapterTrainingArguments, callbacks: list | None = None) -> dict:
     """Train adapters and save them in --output_dir; returns the run summary (also written as JSON)."""
     adapter_config = method_args.adapter_config()
     aux_losses = method_args.auxiliary_losses()
+    check_distributed_support(method_args, training_args)
     adapter_config.validate(hidden_size=load_model_config(model_args.model_name_or_path).hidden_size)
     if data_args.data_path is None:
         raise ValueError("--data_path is required for training (a JSON/JSONL file of instruction records)")

