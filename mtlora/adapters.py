@@ -66,26 +66,28 @@ class RoutedLowRankAdapter(nn.Module):
             nn.init.zeros_(self.expert_scale)
 
     def routing_weights(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, d_in) -> (N, G, E) softmax over experts within each output group."""
+        """(N, d_in) -> (N, G, E) softmax over experts within each output group, in the tokens' dtype."""
+        return self._routing_probabilities(tokens).to(tokens.dtype)
+
+    def _routing_probabilities(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, G, E) routing softmax in float32 (computed in float32 straight from the logits)."""
         if self.router is None:
-            return tokens.new_ones(tokens.shape[0], 1, 1)
+            return tokens.new_ones(tokens.shape[0], 1, 1, dtype=torch.float32)
         logits = F.linear(tokens, self.router.weight.to(tokens.dtype))
         logits = logits.view(tokens.shape[0], self.num_groups, self.num_experts)
-        return torch.softmax(logits.float(), dim=-1).to(tokens.dtype)
+        return torch.softmax(logits, dim=-1, dtype=torch.float32)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         tokens = u.reshape(-1, self.in_features)  # (N, d_in)
         code = self.dropout(tokens) @ self.lora_A.to(u.dtype).t()  # (N, r)
         if self.style != "lowrank":
             code = torch.relu(code)
-        weights = self.routing_weights(tokens)  # (N, G, E)
+        probabilities = self._routing_probabilities(tokens)  # (N, G, E), float32
         if self.training and self.router is not None:
-            self.routing_mean = weights.float().mean(dim=(0, 1))
-        if self.expert_scale is not None:
-            weights = weights * self.expert_scale.to(u.dtype)
-        else:
-            weights = weights * self.scaling
-        out = routed_expert_mix(code, weights, self.lora_B.to(u.dtype))
+            self.routing_mean = probabilities.mean(dim=(0, 1))
+        scale = self.expert_scale if self.expert_scale is not None else self.scaling
+        weights = (probabilities * scale).to(u.dtype)
+        out = routed_expert_mix(code, weights, self.lora_B)  # the mix casts B while laying it out
         return out.reshape(*u.shape[:-1], self.out_features)
 
 
