@@ -116,10 +116,10 @@ class LoopAdapter(RoutedLowRankAdapter):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         tokens = u.reshape(-1, self.in_features)
         code = self.dropout(tokens) @ self.lora_A.to(u.dtype).t()
-        weights = self.routing_weights(tokens)
+        probabilities = self._routing_probabilities(tokens)
         if self.training and self.router is not None:
-            self.routing_mean = weights.float().mean(dim=(0, 1))
-        out = reference_loop_mix(code, weights * self.scaling, self.lora_B.to(u.dtype))
+            self.routing_mean = probabilities.mean(dim=(0, 1))
+        out = reference_loop_mix(code, (probabilities * self.scaling).to(u.dtype), self.lora_B.to(u.dtype))
         return out.reshape(*u.shape[:-1], self.out_features)
 
 
@@ -169,6 +169,24 @@ def peak_memory_mb(fn, device: torch.device) -> float | None:
     fn()
     synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def gpu_kernel_time(fn, device: torch.device, calls: int = 5) -> dict:
+    """GPU time per call, summed over its kernels, and the kernels it launches (profiler; None off the GPU).
+
+    Where the wall time exceeds it, the call is bound by the CPU issuing its launches; inside a training
+    step that CPU time overlaps with the GPU work of the layers around the adapter.
+    """
+    if device.type != "cuda":
+        return {"gpu_ms": None, "kernels": None}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"gpu_ms": sum(e.device_time_total for e in kernels) / 1000 / calls, "kernels": len(kernels) / calls}
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -234,11 +252,13 @@ def bench_adapter(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> dic
         adapter = make_adapter(sizes, groups, device)
         for impl in ("fused", "loop"):
             use_implementation(adapter, impl)
+            step = fwd_bwd(adapter, x, upstream)
             rows.append(dict(impl=impl, groups=groups, group_size=sizes.width // groups,
-                             **measure(fwd_bwd(adapter, x, upstream), device, sizes)))
+                             **measure(step, device, sizes), **gpu_kernel_time(step, device)))
         free_memory(device)
-    mlp = make_mlp(sizes, device, dtype)
-    rows.append(dict(impl="llama_mlp", groups=None, group_size=None, **measure(fwd_bwd(mlp, x, upstream), device, sizes)))
+    step = fwd_bwd(make_mlp(sizes, device, dtype), x, upstream)
+    rows.append(dict(impl="llama_mlp", groups=None, group_size=None, **measure(step, device, sizes),
+                     **gpu_kernel_time(step, device)))
     return {"rows": rows, "agreement_fp32": agreement}
 
 
@@ -259,8 +279,9 @@ def bench_compiled_adapter(sizes: Sizes, device: torch.device, dtype: torch.dtyp
         fwd_bwd(compiled, x, upstream)()
         synchronize(device)
         compile_s = time.perf_counter() - start
+        step = fwd_bwd(compiled, x, upstream)
         rows.append(dict(impl="fused+compile", groups=groups, group_size=sizes.width // groups, compile_s=compile_s,
-                         **measure(fwd_bwd(compiled, x, upstream), device, sizes)))
+                         **measure(step, device, sizes), **gpu_kernel_time(step, device)))
     return rows
 
 
@@ -613,17 +634,19 @@ def summarize(results: dict) -> dict:
     """The issue's targets, as ratios measured in this run."""
     targets = {}
     adapter = {(r["impl"], r["groups"]): r for r in results.get("adapter", {}).get("rows", [])}
-    speedups = {g: ratio(adapter[("loop", g)]["ms"], adapter[("fused", g)]["ms"])
-                for g in GROUP_COUNTS if ("loop", g) in adapter}
-    if speedups:
-        targets["adapter_speedup_min_5x"] = {"value": min(speedups.values()), "per_groups": speedups,
-                                             "met": min(speedups.values()) >= 5}
+    for key, name in (("ms", "adapter_speedup_min_5x"), ("gpu_ms", "adapter_gpu_time_speedup_min_5x")):
+        speedups = {g: ratio(adapter[("loop", g)][key], adapter[("fused", g)][key])
+                    for g in GROUP_COUNTS if ("loop", g) in adapter and adapter[("loop", g)].get(key)}
+        if speedups:
+            targets[name] = {"value": min(speedups.values()), "per_groups": speedups, "met": min(speedups.values()) >= 5}
     steps = {(r["setting"], r["method"], r["impl"]): r for r in results.get("train", {}).get("rows", [])}
     fused, loop = steps.get(("ckpt", "mtlora", "fused")), steps.get(("ckpt", "mtlora", "loop"))
     floor = steps.get(("ckpt", "none", "base"))
     if fused and loop:
         value = ratio(fused["tokens_per_s"], loop["tokens_per_s"])
-        targets["mtlora_step_speedup_1.5x"] = {"value": value, "met": value >= 1.5}
+        # Even an adapter costing nothing could not beat the loop by more than loop / floor.
+        bound = ratio(loop["ms"], floor["ms"]) if floor else None
+        targets["mtlora_step_speedup_1.5x"] = {"value": value, "upper_bound_loop_over_floor": bound, "met": value >= 1.5}
         if fused["peak_mb"] is not None:
             targets["mtlora_step_peak_memory_below_loop"] = {
                 "value": ratio(fused["peak_mb"], loop["peak_mb"]), "met": fused["peak_mb"] < loop["peak_mb"]}
@@ -639,10 +662,13 @@ def markdown_tables(results: dict) -> str:
     lines = []
     adapter_rows = results.get("adapter", {}).get("rows", []) + results.get("compile", {}).get("adapter_rows", [])
     if adapter_rows:
-        lines += ["| adapter (fwd+bwd) | routing | ms | peak MiB | compile s |", "|---|---|---|---|---|"]
+        lines += ["| adapter (fwd+bwd) | routing | wall ms | GPU ms | kernels | peak MiB | compile s |",
+                  "|---|---|---|---|---|---|---|"]
         for r in adapter_rows:
             routing = "-" if r["groups"] is None else ("scalar" if r["groups"] == 1 else f"g={r['group_size']}")
-            lines.append(f"| {r['impl']} | {routing} | {r['ms']:.3f} | {_fmt(r['peak_mb'])} | {_fmt(r.get('compile_s'))} |")
+            gpu = "-" if r.get("gpu_ms") is None else f"{r['gpu_ms']:.3f}"
+            lines.append(f"| {r['impl']} | {routing} | {r['ms']:.3f} | {gpu} | {_fmt(r.get('kernels'))} "
+                         f"| {_fmt(r['peak_mb'])} | {_fmt(r.get('compile_s'))} |")
         lines.append("")
     step_rows = results.get("train", {}).get("rows", []) + results.get("nockpt", {}).get("rows", []) \
         + results.get("compile", {}).get("rows", [])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks import bench_adapters as bench
-from mtlora.experts import routed_expert_mix_loop
+from mtlora.experts import routed_expert_mix, routed_expert_mix_loop
 from mtlora.injection import adapter_modules
 
 
@@ -68,3 +68,15 @@ def test_quick_run_end_to_end(tmp_path):
     assert {"adapter_speedup_min_5x", "mtlora_step_speedup_1.5x", "mtlora_overhead_over_floor_15pct"} <= set(saved["targets"])
     for name in saved["profile"].values():
         assert (tmp_path / name).is_file()
+
+
+def test_fused_mix_casts_float32_master_weights_like_a_cast_beforehand():
+    generator = torch.Generator().manual_seed(0)
+    code = torch.randn(10, 4, generator=generator).bfloat16()
+    weights = torch.softmax(torch.randn(10, 2, 3, generator=generator), -1).bfloat16()
+    master = torch.randn(3, 16, 4, generator=generator).requires_grad_()
+    out = routed_expert_mix(code, weights, master)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, routed_expert_mix(code, weights, master.detach().bfloat16()))
+    out.float().sum().backward()
+    assert master.grad.dtype == torch.float32 and master.grad.abs().sum() > 0
