@@ -48,7 +48,7 @@ from mtlora.losses import balance_loss, clear_routing_records
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 GROUP_COUNTS = (1, 2, 8, 16, 32)  # at d = 4096: scalar routing, g = 2048, 512, 256, 128
-SECTIONS = ("adapter", "train", "eval", "nockpt", "compile")
+SECTIONS = ("adapter", "train", "profile", "eval", "nockpt", "compile")
 METHODS = ("none", "hydralora", "block_ffn", "mtlora")
 BLC_ALPHA = 0.01
 
@@ -739,8 +739,8 @@ def run(args: argparse.Namespace) -> dict:
         results["meta"]["train_layers"] = model.config.num_hidden_layers
         if "train" in sections:
             record("train", lambda: bench_steps(model, sizes, device, METHODS, ("fused", "loop"), "ckpt"))
-            if args.output is not None:
-                record("profile", lambda: profile_steps(model, sizes, device, args.output.parent))
+        if "profile" in sections and args.output is not None:
+            record("profile", lambda: profile_steps(model, sizes, device, args.output.parent))
         if "eval" in sections:
             set_checkpointing(model, False)
             record("eval", lambda: bench_eval(model, sizes, device, dtype))
