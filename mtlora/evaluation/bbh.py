@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mtlora.evaluation.answers import exact_match, extract_answer, infer_answer_kind, lenient_match
 from mtlora.evaluation.batching import generate_batched, truncate_left
+from mtlora.evaluation.cli import select_requested
 from mtlora.evaluation.reporting import markdown_table, mean, write_json
 
 NUM_EXEMPLARS = 3
@@ -61,13 +62,7 @@ def available_tasks(data_dir: str | Path) -> list[str]:
 
 def resolve_tasks(data_dir: str | Path, tasks: Sequence[str] | None) -> list[str]:
     """The requested tasks (all in ``data_dir`` when None); unknown names raise, listing the valid ones."""
-    present = available_tasks(data_dir)
-    if not tasks:
-        return present
-    unknown = [t for t in tasks if t not in present]
-    if unknown:
-        raise ValueError(f"--tasks: unknown task(s) {unknown}; available in {data_dir}: {', '.join(present)}")
-    return list(dict.fromkeys(tasks))
+    return select_requested(tasks, available_tasks(data_dir), "--tasks", data_dir)
 
 
 def score_bbh_task(task: str, items: Sequence[dict], generations: Sequence[str],

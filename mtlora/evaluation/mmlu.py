@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mtlora.evaluation.answers import argmax_letter, score_generated_letter
 from mtlora.evaluation.batching import next_token_scores, truncate_left
+from mtlora.evaluation.cli import select_requested
 from mtlora.evaluation.reporting import markdown_table, mean, write_json
 
 LETTERS = "ABCD"
@@ -148,13 +149,7 @@ def available_subjects(data_dir: str | Path) -> list[str]:
 
 def resolve_subjects(data_dir: str | Path, subjects: Sequence[str] | None) -> list[str]:
     """The requested subjects (all when None); unknown names raise, listing the valid ones."""
-    present = available_subjects(data_dir)
-    if not subjects:
-        return present
-    unknown = [s for s in subjects if s not in present]
-    if unknown:
-        raise ValueError(f"--subjects: unknown subject(s) {unknown}; available in {data_dir}: {', '.join(present)}")
-    return list(dict.fromkeys(subjects))
+    return select_requested(subjects, available_subjects(data_dir), "--subjects", data_dir)
 
 
 def load_subject(data_dir: str | Path, subject: str) -> tuple[list[dict], list[dict]]:
