@@ -67,3 +67,11 @@ def test_missing_training_data_is_reported_with_the_prepare_command(tiny_setup, 
     registry.SCALES["tiny"] = replace(scale, tracks=(replace(scale.tracks[0], train_data=str(tmp_path / "bigbench.jsonl")),))
     with pytest.raises(SystemExit, match="is missing; prepare it with: bash scripts/prepare_small_data.sh"):
         run_table("main_ablation", "tiny", tiny_setup)
+
+
+def test_missing_paper_model_is_reported_before_any_work(tmp_path):
+    settings = RunSettings(model_name_or_path=str(tmp_path / "Llama-2-7b-hf"), num_gpus=1, results_dir=tmp_path / "r",
+                           bbh_dir=str(tmp_path), mmlu_dir=str(tmp_path), use_cuda=False)
+    with pytest.raises(SystemExit, match="--model_name_or_path .*Llama-2-7b-hf: cannot load the model config"):
+        run_table("main_ablation", "paper", settings)
+    assert not (tmp_path / "r").exists()
