@@ -117,7 +117,7 @@ class LoopAdapter(RoutedLowRankAdapter):
         tokens = u.reshape(-1, self.in_features)
         code = self.dropout(tokens) @ self.lora_A.to(u.dtype).t()
         probabilities = self._routing_probabilities(tokens)
-        if self.training and self.router is not None:
+        if self.training and self.router is not None and self.routing_mean is None:
             self.routing_mean = probabilities.mean(dim=(0, 1))
         out = reference_loop_mix(code, (probabilities * self.scaling).to(u.dtype), self.lora_B.to(u.dtype))
         return out.reshape(*u.shape[:-1], self.out_features)

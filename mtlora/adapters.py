@@ -51,7 +51,7 @@ class RoutedLowRankAdapter(nn.Module):
         self.router = nn.Linear(in_features, num_groups * num_experts, bias=False) if num_experts > 1 else None
         self.expert_scale = nn.Parameter(torch.zeros(num_experts)) if style == "adaptformer" else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.routing_mean: torch.Tensor | None = None  # (E,) mean routing weight of the last training forward
+        self.routing_mean: torch.Tensor | None = None  # (E,) mean routing weight, see forward()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -83,7 +83,9 @@ class RoutedLowRankAdapter(nn.Module):
         if self.style != "lowrank":
             code = torch.relu(code)
         probabilities = self._routing_probabilities(tokens)  # (N, G, E), float32
-        if self.training and self.router is not None:
+        if self.training and self.router is not None and self.routing_mean is None:
+            # Only the first forward since clear_routing_records() records: a gradient-checkpointing
+            # recompute during backward must not replace it with a tensor that keeps its graph alive.
             self.routing_mean = probabilities.mean(dim=(0, 1))
         scale = self.expert_scale if self.expert_scale is not None else self.scaling
         weights = (probabilities * scale).to(u.dtype)

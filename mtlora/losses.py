@@ -19,8 +19,9 @@ def squared_coefficient_of_variation(values: torch.Tensor, eps: float = 1e-10) -
 def balance_loss(model: nn.Module) -> torch.Tensor | None:
     """Mean over routed adapters of the squared CV of their mean routing weight per expert.
 
-    Reads the routing means recorded by the last training forward pass (which, as in the reference
-    code, include padding tokens). Returns None when no adapter recorded routing.
+    Reads the routing means recorded by the first training forward pass since
+    :func:`clear_routing_records` (which, as in the reference code, include padding tokens).
+    Returns None when no adapter recorded routing.
     """
     means = [m.routing_mean for m in routed_adapters(model) if m.routing_mean is not None]
     if not means:
@@ -29,7 +30,7 @@ def balance_loss(model: nn.Module) -> torch.Tensor | None:
 
 
 def clear_routing_records(model: nn.Module) -> None:
-    """Drop the recorded routing means so no autograd graph outlives its step."""
+    """Drop the recorded routing means, so that the next training forward records afresh."""
     for adapter in routed_adapters(model):
         adapter.routing_mean = None
 

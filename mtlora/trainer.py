@@ -57,6 +57,7 @@ class AdapterTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         set_task_ids(model, inputs.pop("task_ids", None))
+        clear_routing_records(model)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
             # When the LM loss is already normalised over the accumulated batch, each micro-batch's
@@ -73,7 +74,6 @@ class AdapterTrainer(Trainer):
             if blc is not None:
                 self._record("balance_loss", blc)
                 total = total + self.aux_losses.blc_alpha * blc
-        clear_routing_records(model)
         if self.aux_losses.enable_spectral_reg and self._spectral_due():
             generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
             spectral = spectral_loss(model, self.aux_losses.spectral_reg_form,

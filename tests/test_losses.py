@@ -66,3 +66,13 @@ def test_spectral_schedule_matches_the_reference():
     assert [s for s in range(940) if spectral_step_due(s, every_500, steps_per_epoch=940)] == [499]
     per_epoch = AuxiliaryLosses(enable_spectral_reg=True)
     assert [s for s in range(30) if spectral_step_due(s, per_epoch, steps_per_epoch=10)] == [0, 10, 20]
+
+
+def test_checkpoint_recompute_does_not_replace_the_recorded_routing():
+    model = attach_adapters(tiny_llama(), AdapterConfig(method="mtlora", lora_nums=4, enable_block_adapter=True))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    loss = model(TOKENS, labels=TOKENS).loss
+    recorded = [a.routing_mean for a in routed_adapters(model)]
+    (loss + balance_loss(model)).backward()
+    assert all(a.routing_mean is r for a, r in zip(routed_adapters(model), recorded))
