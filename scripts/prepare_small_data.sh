@@ -8,6 +8,6 @@ out=data/processed/bigbench25
 [ -f "$out/train.jsonl" ] && [ -f "$out/eval.jsonl" ] && exit 0
 mkdir -p data/downloads
 sdist=data/downloads/bigbench-1.0.0.tar.gz
-[ -f "$sdist" ] || "$PY" -m pip download -q --no-deps --no-binary :all: bigbench==1.0.0 -d data/downloads
+[ -f "$sdist" ] || "$PY" -m pip download -q --no-deps bigbench==1.0.0 -d data/downloads
 "$PY" data/prepare.py bigbench --sdist "$sdist" --num_tasks 25 --max_per_task 200 --eval_per_task 40 --seed 42 \
   --output_dir "$out"
