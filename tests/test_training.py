@@ -170,3 +170,30 @@ def test_spectral_regularisation_is_refused_under_zero3_before_loading(tmp_path)
         check_distributed_support(method, training)
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     check_distributed_support(method, training)
+
+
+def test_compiled_decoder_layers_match_eager_loss_and_gradients():
+    from mtlora.losses import clear_routing_records
+    from mtlora.training import compile_decoder_layers
+
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    config = AdapterConfig(method="mtlora", lora_nums=4, enable_block_adapter=True, enable_fine_grained_routing=True,
+                           routing_group_size=32, lora_dropout=0.0)
+
+    def loss_and_grads(compiled: bool):
+        model = attach_adapters(tiny_llama(), config)
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(6))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        if compiled:
+            compile_decoder_layers(model)
+        clear_routing_records(model)
+        loss = model(tokens, labels=tokens).loss + 0.01 * balance_loss(model)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = loss_and_grads(False), loss_and_grads(True)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert (compiled_grads - eager_grads).norm() / eager_grads.norm() < 1e-4
