@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mtlora.evaluation.answers import exact_match, extract_answer, infer_answer_kind, lenient_match
 from mtlora.evaluation.batching import generate_batched, truncate_left
 from mtlora.evaluation.cli import select_requested
-from mtlora.evaluation.reporting import markdown_table, mean, write_json
+from mtlora.evaluation.reporting import markdown_table, mean, write_results
 
 NUM_EXEMPLARS = 3
 BBH_TASKS = (
@@ -131,7 +131,7 @@ def run_bbh(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir
                 "max_length": max_length, "num_exemplars": NUM_EXEMPLARS}
     summary = summarize_bbh(results, settings)
     if output_dir is not None:
-        write_bbh_results(output_dir, results, summary)
+        write_results(output_dir, "tasks", results, summary, bbh_markdown(summary))
     return summary
 
 
@@ -156,11 +156,3 @@ def bbh_markdown(summary: dict) -> str:
                  f"{100 * summary['macro_avg']['exact']:.1f}"])
     return markdown_table(["task", "n", "lenient (paper) %", "exact %"], rows)
 
-
-def write_bbh_results(output_dir: str | Path, results: dict[str, dict], summary: dict) -> None:
-    """Write tasks/<task>.json, summary.json and summary.md under ``output_dir``."""
-    output_dir = Path(output_dir)
-    for name, result in results.items():
-        write_json(output_dir / "tasks" / f"{name}.json", result)
-    write_json(output_dir / "summary.json", summary)
-    (output_dir / "summary.md").write_text(bbh_markdown(summary) + "\n", encoding="utf-8")

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mtlora.evaluation.answers import argmax_letter, score_generated_letter
 from mtlora.evaluation.batching import next_token_scores, truncate_left
 from mtlora.evaluation.cli import select_requested
-from mtlora.evaluation.reporting import markdown_table, mean, write_json
+from mtlora.evaluation.reporting import markdown_table, mean, write_results
 
 LETTERS = "ABCD"
 NUM_SHOTS = 5
@@ -216,7 +216,7 @@ def run_mmlu(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_di
                                      for letter, i in zip(LETTERS, candidates)}}
     summary = summarize_mmlu(results, settings)
     if output_dir is not None:
-        write_mmlu_results(output_dir, results, summary)
+        write_results(output_dir, "subjects", results, summary, mmlu_markdown(summary))
     return summary
 
 
@@ -262,11 +262,3 @@ def mmlu_markdown(summary: dict) -> str:
             f"{trunc['prompts_with_dropped_exemplars']}, cut from the left: {trunc['prompts_cut_from_left']}.")
     return f"{averages}\n\n{note}\n\n{subject_table}"
 
-
-def write_mmlu_results(output_dir: str | Path, results: dict[str, dict], summary: dict) -> None:
-    """Write subjects/<subject>.json, summary.json and summary.md under ``output_dir``."""
-    output_dir = Path(output_dir)
-    for subject, result in results.items():
-        write_json(output_dir / "subjects" / f"{subject}.json", result)
-    write_json(output_dir / "summary.json", summary)
-    (output_dir / "summary.md").write_text(mmlu_markdown(summary) + "\n", encoding="utf-8")

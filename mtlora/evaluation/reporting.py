@@ -24,3 +24,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_results(output_dir: str | Path, item_folder: str, results: dict[str, dict], summary: dict,
+                  markdown: str) -> None:
+    """Write ``<item_folder>/<name>.json`` per task or subject, ``summary.json`` and ``summary.md``."""
+    output_dir = Path(output_dir)
+    for name, result in results.items():
+        write_json(output_dir / item_folder / f"{name}.json", result)
+    write_json(output_dir / "summary.json", summary)
+    (output_dir / "summary.md").write_text(markdown + "\n", encoding="utf-8")
