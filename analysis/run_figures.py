@@ -1,6 +1,6 @@
 """Make every figure from the small-scale table runs: finds the checkpoints in the tables' JSON.
 
-    python analysis/run_figures.py --results_dir results/small [--model_name_or_path DIR]
+    python analysis/run_figures.py --results_dir outputs/tables/small [--model_name_or_path DIR]
 
 Fig. 1A compares the block-level run without and with spectral regularisation (strength 0 and the
 track's lambda); Fig. 1B/S2 and S4 use the HydraLoRA baseline and full mtLoRA; Fig. S3 compares the
@@ -26,7 +26,7 @@ def run_dirs(results_dir: Path) -> dict[str, str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results_dir", default="results/small")
+    parser.add_argument("--results_dir", default="outputs/tables/small")
     parser.add_argument("--model_name_or_path", default=None)
     parser.add_argument("--data_path", default="data/processed/bigbench25/eval.jsonl")
     parser.add_argument("--samples_per_task", type=int, default=16)

@@ -4,12 +4,12 @@
 # tables, e.g. full mtLoRA = Table 3's G = 2 row, is trained once, under a lock); a second pass then
 # assembles each full table from the finished runs.
 # Usage: bash scripts/run_small_tables.sh [--model_name_or_path DIR] [--bbh_dir DIR] [--mmlu_dir DIR]
-# Environment: RESULTS_DIR (default results), PYTHON (default python).
+# Environment: RESULTS_DIR (default outputs/tables), PYTHON (default python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-RESULTS=${RESULTS_DIR:-results}
+RESULTS=${RESULTS_DIR:-outputs/tables}
 mkdir -p "$RESULTS/logs"
 run_table() { "$PY" tables/run_table.py --scale small --results_dir "$RESULTS" "$@"; }
 

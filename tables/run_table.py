@@ -33,7 +33,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model_name_or_path", default=None,
                         help="default: the table's LLaMA-2 model at --scale paper, SmolLM2-135M at --scale small")
     parser.add_argument("--num_gpus", type=int, default=max(1, torch.cuda.device_count()))
-    parser.add_argument("--results_dir", default="results")
+    parser.add_argument("--results_dir", default="outputs/tables",
+                        help="where runs and tables go (results/ holds the reference results committed to the repo)")
     parser.add_argument("--rows", nargs="+", default=None, help="only these row keys")
     parser.add_argument("--no_base", action="store_true", help="skip the base-model (no adapter) row")
     parser.add_argument("--bbh_dir", default=default_eval_dir("bbh"))

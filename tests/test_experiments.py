@@ -61,6 +61,14 @@ def test_run_table_trains_evaluates_and_skips_finished_rows(tiny_setup):
     run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline", "mtlora"])
     assert logs == {key: Path(rows[key]["run_dir"], "train.log").read_text() for key in ("baseline", "mtlora")}
 
+    # a run whose adapter is gone is trained again, and its old evaluation is not reused
+    baseline_dir = Path(rows["baseline"]["run_dir"])
+    (baseline_dir / "adapter_model.safetensors").unlink()
+    stale = baseline_dir / "eval" / "heldout" / "summary.json"
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "average": {"exact": 9.0, "lenient": 9.0}}))
+    again = {r["key"]: r for r in run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline"])["rows"]}
+    assert again["baseline"]["heldout_exact"] <= 1
+
 
 def test_missing_training_data_is_reported_with_the_prepare_command(tiny_setup, tmp_path):
     scale = registry.SCALES["tiny"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -127,6 +128,7 @@ def train_and_evaluate(settings: RunSettings, scale: Scale, track: Track, row: R
     run_dir = run_dir_for(settings, scale, track, row.kind if row.kind == "base" else row.key, {**flags, "data": train_data})
     with locked(run_dir):
         if row.kind == "adapter" and not is_adapter_checkpoint(run_dir):
+            shutil.rmtree(run_dir / "eval", ignore_errors=True)  # results of an earlier adapter are stale
             _run(training_command(settings, scale, track, flags, run_dir, train_data), run_dir / "train.log")
         if row.kind == "lorahub":
             run_lorahub(settings, scale, track, flags, run_dir, train_data)
