@@ -14,16 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mtlora.evaluation.cli import default_data_dir  # noqa: E402
 from mtlora.experiments.registry import SCALES, TABLES  # noqa: E402
 from mtlora.experiments.runner import RunSettings, run_table  # noqa: E402
-
-
-def default_eval_dir(name: str) -> str:
-    repo = Path(__file__).resolve().parents[1]
-    for candidate in (repo / "data" / "processed" / name, repo.parent / "shared" / "data" / name):
-        if candidate.is_dir():
-            return str(candidate)
-    return str(repo / "data" / "processed" / name)
 
 
 def main(argv=None) -> None:
@@ -37,8 +30,8 @@ def main(argv=None) -> None:
                         help="where runs and tables go (results/ holds the reference results committed to the repo)")
     parser.add_argument("--rows", nargs="+", default=None, help="only these row keys")
     parser.add_argument("--no_base", action="store_true", help="skip the base-model (no adapter) row")
-    parser.add_argument("--bbh_dir", default=default_eval_dir("bbh"))
-    parser.add_argument("--mmlu_dir", default=default_eval_dir("mmlu"))
+    parser.add_argument("--bbh_dir", default=default_data_dir("bbh"))
+    parser.add_argument("--mmlu_dir", default=default_data_dir("mmlu"))
     args = parser.parse_args(argv)
     table, scale = TABLES[args.table], SCALES[args.scale]
     if args.rows:

@@ -20,10 +20,12 @@ import torch
 from tqdm import tqdm
 
 from mtlora.checkpoint import is_adapter_checkpoint
+from mtlora.evaluation.heldout import load_records
 from mtlora.evaluation.reporting import markdown_table
 from mtlora.experiments.evaluate import pending_suites, suite_dir
 from mtlora.experiments.registry import SCALES, TABLES, Row, Scale, Table, Track
 from mtlora.loading import load_model_config
+from mtlora.training_data import read_instruction_records
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PREPARE_HINT = {
@@ -143,8 +145,8 @@ def run_lorahub(settings: RunSettings, scale: Scale, track: Track, flags: dict, 
     """LoRAHub: one LoRA per group of training tasks, then a gradient-free composition on BBH exemplars."""
     if is_adapter_checkpoint(run_dir):
         return
-    records = [json.loads(line) for line in Path(train_data).read_text().split("\n") if line.strip()]
-    tasks = sorted({r.get("task_type") or "default" for r in records})
+    records = read_instruction_records(train_data)
+    tasks = sorted({r["task_type"] for r in records})
     modules = []
     for index in range(min(num_modules, len(tasks))):
         group = set(tasks[index::num_modules])
@@ -152,7 +154,7 @@ def run_lorahub(settings: RunSettings, scale: Scale, track: Track, flags: dict, 
         subset = module_dir / "train.jsonl"
         if not is_adapter_checkpoint(module_dir):
             module_dir.mkdir(parents=True, exist_ok=True)
-            subset.write_text("".join(json.dumps(r) + "\n" for r in records if (r.get("task_type") or "default") in group))
+            subset.write_text("".join(json.dumps(r) + "\n" for r in records if r["task_type"] in group))
             _run(training_command(settings, scale, track, flags, module_dir, str(subset)), module_dir / "train.log")
         modules.append(str(module_dir))
     command = [sys.executable, str(REPO_ROOT / "compose_lorahub.py"), "--lora_checkpoints", ",".join(modules),
@@ -224,8 +226,8 @@ def check_inputs(settings: RunSettings, scale: Scale, tracks: list[Track]) -> in
 def task_count_tracks(scale: Scale, settings: RunSettings) -> list[Track]:
     """Training sets restricted to the first N tasks of the multi-task pool, for N in the scale's task counts."""
     base = scale.tracks[0]
-    train = [json.loads(line) for line in Path(base.train_data).read_text().split("\n") if line.strip()]
-    heldout = [json.loads(line) for line in Path(base.heldout_data).read_text().split("\n") if line.strip()]
+    train = read_instruction_records(base.train_data)
+    heldout = load_records(base.heldout_data)  # keeps extra fields such as a record's accepted references
     tasks = sorted({r["task_type"] for r in train})
     tracks = []
     for count in scale.task_counts:
