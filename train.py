@@ -15,20 +15,22 @@ import sys
 
 from transformers import HfArgumentParser
 
-from mtlora.arguments import AdapterTrainingArguments, DataArguments, MethodArguments, ModelArguments
-from mtlora.config import AdapterConfigError
+from mtlora.arguments import AdapterTrainingArguments, DataArguments, ModelArguments
+from mtlora.config import AdapterConfig, AdapterConfigError
+from mtlora.losses import AuxiliaryLosses
 from mtlora.training import count_only, run_training
 from mtlora.training_data import DataFormatError
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, MethodArguments, AdapterTrainingArguments))
-    model_args, data_args, method_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, AdapterConfig, AuxiliaryLosses, AdapterTrainingArguments))
+    model_args, data_args, adapter_config, aux_losses, training_args = parser.parse_args_into_dataclasses(args=argv)
     try:
-        if method_args.count_params_only:
-            count_only(model_args, method_args)
+        if model_args.count_params_only:
+            adapter_config.validate()
+            count_only(model_args, adapter_config)
         else:
-            run_training(model_args, data_args, method_args, training_args)
+            run_training(model_args, data_args, adapter_config, aux_losses, training_args)
     except (AdapterConfigError, DataFormatError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import HfArgumentParser
 
 from analysis.common import (add_data_arguments, add_model_arguments, block_index, integer_ticks, load_checkpoint,
                              model_inputs, parse_labelled_paths, sample_records_by_task, task_batches, write_outputs)
@@ -105,7 +106,7 @@ def conflict_summary(cosines: dict[int, np.ndarray]) -> dict:
 
 def fresh_configs(base: AdapterConfig, block_adapter_type: str = "ffn") -> dict[str, AdapterConfig]:
     """The component-level config ``base`` and its block-level twin (same method, rank, experts)."""
-    if base.method not in ("hydralora", "mtlora"):
+    if not base.supports_block_level:
         raise ValueError(f"--method {base.method}: fresh adapters are compared at component and block level, "
                          "which needs --method hydralora or mtlora (or pass --checkpoints)")
     component = dataclasses.replace(base, enable_block_adapter=False)
@@ -187,40 +188,23 @@ def gradient_conflict(data_path: str, output_dir: str, checkpoints: list[tuple[s
     return data
 
 
-def _method_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("fresh adapters (used when --checkpoints is not given)")
-    group.add_argument("--method", default="hydralora", help="hydralora | mtlora (both have a block-level form)")
-    group.add_argument("--lora_rank", type=int, default=16)
-    group.add_argument("--lora_alpha", type=float, default=64.0)
-    group.add_argument("--lora_nums", type=int, default=16)
-    group.add_argument("--trainable", default="q_proj,v_proj", help="Targets of the component-level configuration.")
-    group.add_argument("--block_adapter_type", default="ffn", help="Block of the block-level configuration.")
-    group.add_argument("--enable_fine_grained_routing", action="store_true")
-    group.add_argument("--routing_group_size", type=int, default=None)
-    group.add_argument("--init_noise", type=float, default=1e-3, help="Std of the noise added to the zero-init B.")
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The adapter flags of train.py (AdapterConfig) describe the fresh adapters when --checkpoints is not given;
+    # --trainable sets the component-level targets and --block_adapter_type the block of the block-level twin.
+    parser = HfArgumentParser(AdapterConfig, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", default=None,
                         help="label=path items, e.g. component=outputs/hydra block=outputs/block_ffn.")
     parser.add_argument("--baseline_label", default="component", help="Denominator of the conflict ratio.")
     parser.add_argument("--compare_label", default="block", help="Numerator of the conflict ratio.")
-    _method_arguments(parser)
+    parser.add_argument("--init_noise", type=float, default=1e-3,
+                        help="Std of the noise added to the zero-init B of fresh adapters.")
     add_data_arguments(parser)
     add_model_arguments(parser)
-    args = parser.parse_args(argv)
+    fresh, args = parser.parse_args_into_dataclasses(args=argv)
     try:
-        fresh = None
-        if not args.checkpoints:
-            fresh = AdapterConfig(method=args.method, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                                  lora_nums=args.lora_nums, lora_dropout=0.0,
-                                  trainable=[t.strip() for t in args.trainable.split(",") if t.strip()],
-                                  enable_fine_grained_routing=args.enable_fine_grained_routing,
-                                  routing_group_size=args.routing_group_size)
         data = gradient_conflict(
             args.data_path, args.output_dir, parse_labelled_paths(args.checkpoints) if args.checkpoints else None,
-            fresh, args.block_adapter_type, args.init_noise, args.model_name_or_path, args.samples_per_task,
+            None if args.checkpoints else fresh, fresh.block_adapter_type, args.init_noise, args.model_name_or_path, args.samples_per_task,
             args.batch_size, args.max_seq_length, args.seed, args.device, args.dtype, args.baseline_label,
             args.compare_label)
     except (ValueError, FileNotFoundError) as err:

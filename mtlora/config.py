@@ -1,7 +1,10 @@
 """Adapter configuration: one dataclass that fully describes which adapters go where.
 
-It is saved next to every adapter checkpoint (``adapter_config.json``) so a checkpoint can be
-re-attached to a fresh base model without the training flags.
+Its fields are the adapter flags of ``train.py`` (``HfArgumentParser`` parses this class directly, with
+the help text below), and it is saved next to every adapter checkpoint (``adapter_config.json``), so a
+checkpoint can be re-attached to a fresh base model without the training flags. What a method can do
+(a token router, block-level placement, ...) is a property of the config, never a list of method names
+elsewhere.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from pathlib import Path
 METHODS = ("lora", "hydralora", "mmoelora", "mtlora")
 BLOCK_ADAPTER_TYPES = ("ffn", "attention", "both")
 BLOCK_ADAPTER_STYLES = ("lowrank", "bottleneck", "adaptformer")
-SPECTRAL_REG_FORMS = ("reference", "singular_basis")
 
 
 class AdapterConfigError(ValueError):
@@ -23,30 +25,67 @@ class AdapterConfigError(ValueError):
 
 @dataclass
 class AdapterConfig:
-    """Which adapter to attach, where, and with which hyper-parameters.
+    """Which adapter to attach, where, and with which hyper-parameters (field name = ``train.py`` flag)."""
 
-    Field names equal the command-line flags of ``train.py`` (``--lora_rank`` -> ``lora_rank``).
-    """
+    method: str = field(default="hydralora", metadata={
+        "help": "lora | hydralora | mmoelora | mtlora. As in the reference code, mtlora takes the hydralora code "
+                "path: its components are switched on only by --enable_block_adapter, "
+                "--enable_fine_grained_routing, --enable_spectral_reg and --enable_blc."})
+    lora_rank: int = field(default=16, metadata={"help": "Rank r of every adapter."})
+    lora_alpha: float = field(default=64.0, metadata={"help": "Scaling s = alpha / r."})
+    lora_nums: int = field(default=16, metadata={"help": "Number of experts E (routed methods and mmoelora)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
+    trainable: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
+        "help": "Names of the linear layers to adapt (component level), space- or comma-separated."})
+    enable_block_adapter: bool = field(default=False, metadata={
+        "help": "Block-level adaptation: one routed adapter beside a whole sub-block instead of per target linear."})
+    block_adapter_type: str = field(default="ffn", metadata={"help": "ffn | attention | both"})
+    block_adapter_style: str = field(default="lowrank", metadata={"help": "lowrank | bottleneck | adaptformer"})
+    block_adapter_rank: int | None = field(default=None, metadata={
+        "help": "Rank of block adapters (default: --lora_rank)."})
+    enable_fine_grained_routing: bool = field(default=False, metadata={
+        "help": "One routing weight per expert per group of --routing_group_size output dimensions."})
+    routing_group_size: int | None = field(default=None, metadata={
+        "help": "Output dimensions per routing group g; must divide every adapted width (g = d is scalar routing)."})
+    # Set from the training data, not from the command line (init=False keeps them out of the parser).
+    task_names: list[str] = field(default_factory=list, init=False)
 
-    method: str = "hydralora"
-    lora_rank: int = 16
-    lora_alpha: float = 64.0
-    lora_nums: int = 16
-    lora_dropout: float = 0.05
-    trainable: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    enable_block_adapter: bool = False
-    block_adapter_type: str = "ffn"
-    block_adapter_style: str = "lowrank"
-    block_adapter_rank: int | None = None
-    enable_fine_grained_routing: bool = False
-    routing_group_size: int | None = None
-    num_tasks: int = 1
-    task_names: list[str] = field(default_factory=list)
+    def __post_init__(self) -> None:
+        self.trainable = [name.strip() for item in self.trainable for name in item.split(",") if name.strip()]
+
+    # ------------------------------------------------------------------------------ capabilities
+
+    @property
+    def is_routed(self) -> bool:
+        """A per-token softmax router over experts (HydraLoRA's structure; mtLoRA's code path)."""
+        return self.method in ("hydralora", "mtlora")
+
+    @property
+    def is_task_gated(self) -> bool:
+        """Experts mixed by a gate on the task label (MMoELoRA), not on the token."""
+        return self.method == "mmoelora"
+
+    @property
+    def supports_block_level(self) -> bool:
+        return self.is_routed
+
+    @property
+    def supports_fine_grained_routing(self) -> bool:
+        return self.is_routed
+
+    @property
+    def has_expert_up_projections(self) -> bool:
+        """Several expert matrices B_i per adapter: what spectral regularisation acts on."""
+        return self.method != "lora"
 
     @property
     def num_experts(self) -> int:
-        """Plain LoRA is a single adapter; every other method routes over ``lora_nums`` experts."""
-        return 1 if self.method == "lora" else self.lora_nums
+        """Plain LoRA is a single adapter; every other method mixes ``lora_nums`` experts."""
+        return self.lora_nums if self.has_expert_up_projections else 1
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
 
     @property
     def scaling(self) -> float:
@@ -54,69 +93,81 @@ class AdapterConfig:
 
     @property
     def uses_block_adapter(self) -> bool:
-        return self.enable_block_adapter and self.method in ("hydralora", "mtlora")
+        return self.enable_block_adapter and self.supports_block_level
 
-    def routing_groups(self, out_features: int) -> int:
-        """Number of output-dimension groups G = d_out / g (1 means scalar routing per expert)."""
-        if not self.enable_fine_grained_routing or self.routing_group_size is None:
+    def routing_groups(self, out_features: int, where: str = "the adapted module") -> int:
+        """Number of output-dimension groups G = d_out / g (1 means scalar routing per expert).
+
+        The one place a group size is checked against a width: raises naming the flag when g does not divide it.
+        """
+        if not self.enable_fine_grained_routing:
             return 1
-        return out_features // self.routing_group_size
+        g = self.routing_group_size
+        if out_features % g != 0:
+            divisors = [d for d in range(1, out_features + 1) if out_features % d == 0 and d > 1]
+            raise AdapterConfigError(
+                f"--routing_group_size {g} does not divide the output width {out_features} of {where}; "
+                f"choose a divisor of {out_features} (e.g. {divisors[len(divisors) // 2]})")
+        return out_features // g
 
-    def validate(self, hidden_size: int | None = None) -> None:
-        """Raise :class:`AdapterConfigError` naming the offending flag; cheap, run before any loading."""
-        if self.method not in METHODS:
-            raise AdapterConfigError(f"--method: unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
-        if self.lora_rank < 1:
-            raise AdapterConfigError(f"--lora_rank must be >= 1, got {self.lora_rank}")
-        if self.lora_nums < 1:
-            raise AdapterConfigError(f"--lora_nums (number of experts) must be >= 1, got {self.lora_nums}")
-        if self.block_adapter_rank is not None and self.block_adapter_rank < 1:
-            raise AdapterConfigError(f"--block_adapter_rank must be >= 1, got {self.block_adapter_rank}")
+    # -------------------------------------------------------------------------------- validation
+
+    def validate(self) -> None:
+        """Raise :class:`AdapterConfigError` naming the offending flag; cheap, run before any loading.
+
+        Checks that need the model's shapes (target names, group size against widths) run when the
+        adapters are attached, which :func:`mtlora.injection.attach_adapters` can do on a meta-device model.
+        """
+        _choice("--method", self.method, METHODS)
+        _choice("--block_adapter_type", self.block_adapter_type, BLOCK_ADAPTER_TYPES)
+        _choice("--block_adapter_style", self.block_adapter_style, BLOCK_ADAPTER_STYLES)
+        for flag, value in (("--lora_rank", self.lora_rank), ("--lora_nums", self.lora_nums),
+                            ("--block_adapter_rank", self.block_adapter_rank)):
+            if value is not None and value < 1:
+                raise AdapterConfigError(f"{flag} must be >= 1, got {value}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise AdapterConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.block_adapter_type not in BLOCK_ADAPTER_TYPES:
-            raise AdapterConfigError(
-                f"--block_adapter_type: unknown type {self.block_adapter_type!r}; expected one of {', '.join(BLOCK_ADAPTER_TYPES)}"
-            )
-        if self.block_adapter_style not in BLOCK_ADAPTER_STYLES:
-            raise AdapterConfigError(
-                f"--block_adapter_style: unknown style {self.block_adapter_style!r}; expected one of {', '.join(BLOCK_ADAPTER_STYLES)}"
-            )
-        if self.enable_block_adapter and self.method in ("lora", "mmoelora"):
+        if self.enable_block_adapter and not self.supports_block_level:
             raise AdapterConfigError(f"--enable_block_adapter is supported for hydralora and mtlora, not --method {self.method}")
         if not self.uses_block_adapter and not self.trainable:
             raise AdapterConfigError("--trainable must name at least one module (e.g. q_proj,v_proj)")
         if self.enable_fine_grained_routing:
-            self._validate_group_size(hidden_size)
-        if self.method == "mmoelora" and self.num_tasks < 1:
-            raise AdapterConfigError(f"mmoelora needs at least one task label, got num_tasks={self.num_tasks}")
+            if not self.supports_fine_grained_routing:
+                raise AdapterConfigError(
+                    f"--enable_fine_grained_routing is supported for hydralora and mtlora, not --method {self.method}")
+            if self.routing_group_size is None or self.routing_group_size < 1:
+                raise AdapterConfigError("--routing_group_size must be a positive integer with "
+                                         f"--enable_fine_grained_routing, got {self.routing_group_size}")
 
-    def _validate_group_size(self, hidden_size: int | None) -> None:
-        if self.method in ("lora", "mmoelora"):
-            raise AdapterConfigError(f"--enable_fine_grained_routing is supported for hydralora and mtlora, not --method {self.method}")
-        g = self.routing_group_size
-        if g is None or g < 1:
-            raise AdapterConfigError(f"--routing_group_size must be a positive integer with --enable_fine_grained_routing, got {g}")
-        if hidden_size is not None and hidden_size % g != 0:
-            raise AdapterConfigError(
-                f"--routing_group_size {g} does not divide the model's hidden size {hidden_size}; "
-                f"choose a divisor of {hidden_size} (e.g. {hidden_size // 2})"
-            )
+    # ------------------------------------------------------------------------------ persistence
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "AdapterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
+    def from_dict(cls, values: dict, source: str = "adapter config") -> "AdapterConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(fields)
         if unknown:
-            raise AdapterConfigError(f"adapter config has unknown keys {sorted(unknown)}")
-        return cls(**values)
+            raise AdapterConfigError(f"{source}: unknown keys {sorted(unknown)}; expected some of {sorted(fields)}")
+        config = cls(**{k: v for k, v in values.items() if fields[k].init})
+        config.task_names = list(values.get("task_names", []))
+        return config
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "AdapterConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise AdapterConfigError(f"{path}: not a valid JSON adapter config ({err})") from None
+        if not isinstance(values, dict):
+            raise AdapterConfigError(f"{path}: expected a JSON object, got {type(values).__name__}")
+        return cls.from_dict(values, source=str(path))
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise AdapterConfigError(f"{flag}: unknown value {value!r}; expected one of {', '.join(choices)}")

@@ -49,25 +49,19 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def _routed_adapter(config: AdapterConfig, d_in: int, d_out: int, rank: int, style: str = "lowrank") -> RoutedLowRankAdapter:
+def _routed_adapter(config: AdapterConfig, d_in: int, d_out: int, rank: int, num_groups: int,
+                    style: str = "lowrank") -> RoutedLowRankAdapter:
     return RoutedLowRankAdapter(
         d_in, d_out, rank=rank, num_experts=config.num_experts, scaling=config.lora_alpha / rank,
-        dropout=config.lora_dropout, num_groups=config.routing_groups(d_out), style=style,
+        dropout=config.lora_dropout, num_groups=num_groups, style=style,
     )
 
 
-def _component_adapter(config: AdapterConfig, linear: nn.Linear) -> nn.Module:
-    if config.method == "mmoelora":
+def _component_adapter(config: AdapterConfig, linear: nn.Linear, num_groups: int) -> nn.Module:
+    if config.is_task_gated:
         return TaskGatedLoRA(linear.in_features, linear.out_features, config.lora_rank, config.lora_nums,
                              config.num_tasks, config.scaling, config.lora_dropout)
-    return _routed_adapter(config, linear.in_features, linear.out_features, config.lora_rank)
-
-
-def _check_group_size(config: AdapterConfig, name: str, width: int) -> None:
-    if config.enable_fine_grained_routing and width % config.routing_group_size != 0:
-        raise AdapterConfigError(
-            f"--routing_group_size {config.routing_group_size} does not divide the output width {width} of {name}"
-        )
+    return _routed_adapter(config, linear.in_features, linear.out_features, config.lora_rank, num_groups)
 
 
 def _attach_component_level(model: nn.Module, config: AdapterConfig) -> int:
@@ -78,21 +72,21 @@ def _attach_component_level(model: nn.Module, config: AdapterConfig) -> int:
     if missing:
         available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise AdapterConfigError(f"--trainable: no linear layer named {sorted(missing)}; available: {', '.join(available)}")
-    for name, linear in targets:
-        _check_group_size(config, name, linear.out_features)
-    for _, linear in targets:
-        _install(linear, _component_adapter(config, linear))
+    groups = [config.routing_groups(linear.out_features, name) for name, linear in targets]  # check all first
+    for (_, linear), num_groups in zip(targets, groups):
+        _install(linear, _component_adapter(config, linear, num_groups))
     return len(targets)
 
 
 def _attach_block_level(model: nn.Module, config: AdapterConfig) -> int:
     hidden = model.config.hidden_size
     rank = config.block_adapter_rank or config.lora_rank
-    _check_group_size(config, "the decoder block", hidden)
+    num_groups = config.routing_groups(hidden, "the decoder block (hidden size)")
     layers = find_decoder_layers(model)
     for layer in layers:
         for host_name in BLOCK_HOSTS[config.block_adapter_type]:
-            _install(getattr(layer, host_name), _routed_adapter(config, hidden, hidden, rank, config.block_adapter_style))
+            adapter = _routed_adapter(config, hidden, hidden, rank, num_groups, config.block_adapter_style)
+            _install(getattr(layer, host_name), adapter)
     return len(layers) * len(BLOCK_HOSTS[config.block_adapter_type])
 
 
@@ -102,7 +96,7 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     Raises :class:`AdapterConfigError` (naming the flag) before touching the model when the
     configuration does not fit it.
     """
-    config.validate(hidden_size=model.config.hidden_size)
+    config.validate()
     if adapter_modules(model):
         raise AdapterConfigError("this model already has adapters attached")
     for param in model.parameters():

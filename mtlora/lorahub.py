@@ -34,7 +34,7 @@ L1_ALPHA = 0.05
 WEIGHT_BOUND = 1.5
 DEFAULT_BUDGET = 40
 # Fields that may differ between the composed modules: they describe the training data, not the adapter shape.
-DATA_FIELDS = ("num_tasks", "task_names")
+DATA_FIELDS = ("task_names",)
 
 
 # ------------------------------------------------------------------------------------------ optimiser
@@ -169,7 +169,7 @@ def check_lora_configs(checkpoints: Sequence[str | Path]) -> AdapterConfig:
         if fields != reference:
             diff = sorted(k for k in fields if fields[k] != reference[k])
             raise ValueError(f"--lora_checkpoints {path}: adapter config differs from {checkpoints[0]} in {diff}")
-    return dataclasses.replace(configs[0], num_tasks=1, task_names=[])
+    return dataclasses.replace(configs[0])  # task_names (init=False) is left empty
 
 
 def read_lora_modules(checkpoints: Sequence[str | Path]) -> tuple[AdapterConfig, list[dict[str, torch.Tensor]]]:

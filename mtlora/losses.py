@@ -1,12 +1,62 @@
-"""Auxiliary training losses: routing balance and spectral-aware regularisation of the experts."""
+"""Auxiliary training losses: routing balance and spectral-aware regularisation of the experts.
+
+:class:`AuxiliaryLosses` holds their flags (parsed by ``HfArgumentParser`` in ``train.py``) and their
+schedule; the functions below compute them from a model with adapters attached.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from mtlora.adapters import RoutedLowRankAdapter, TaskGatedLoRA
+from mtlora.config import AdapterConfig, AdapterConfigError
 from mtlora.injection import routed_adapters
+
+
+@dataclass
+class AuxiliaryLosses:
+    """Which auxiliary losses to add and when (METHOD.md gives the reference schedule)."""
+
+    enable_blc: bool = field(default=False, metadata={"help": "Add the routing balance loss."})
+    blc_alpha: float = field(default=0.01, metadata={"help": "Weight of the balance loss."})
+    enable_spectral_reg: bool = field(default=False, metadata={
+        "help": "Add the spectral-aware regulariser of the expert up-projections."})
+    spectral_reg_lambda: float = field(default=1.0, metadata={"help": "Weight of the spectral regulariser."})
+    spectral_reg_form: str = field(default="reference", metadata={
+        "help": "reference (the public code: weights on D's coordinates) | singular_basis (weights applied in "
+                "B's singular basis, the paper's stated goal)."})
+    spectral_reg_frequency: int = field(default=1, metadata={
+        "help": "Apply at the first step of every N epochs (when no --spectral_reg_steps)."})
+    spectral_reg_steps: int | None = field(default=None, metadata={
+        "help": "Apply every S optimisation steps, at steps S-1, 2S-1, ... (the reference fires once per run at S=500)."})
+    spectral_reg_max_matrices: int = field(default=64, metadata={
+        "help": "Random sample of expert matrices per application."})
+
+    def validate(self, adapter_config: AdapterConfig) -> None:
+        """Raise :class:`AdapterConfigError` naming the flag; cheap, run before any loading."""
+        if self.spectral_reg_form not in SPECTRAL_PENALTIES:
+            raise AdapterConfigError(f"--spectral_reg_form: expected one of {', '.join(SPECTRAL_PENALTIES)}, "
+                                     f"got {self.spectral_reg_form!r}")
+        for flag, value in (("--blc_alpha", self.blc_alpha), ("--spectral_reg_lambda", self.spectral_reg_lambda)):
+            if value < 0:
+                raise AdapterConfigError(f"{flag} must be >= 0, got {value}")
+        for flag, value in (("--spectral_reg_steps", self.spectral_reg_steps),
+                            ("--spectral_reg_frequency", self.spectral_reg_frequency),
+                            ("--spectral_reg_max_matrices", self.spectral_reg_max_matrices)):
+            if value is not None and value < 1:
+                raise AdapterConfigError(f"{flag} must be >= 1, got {value}")
+        if self.enable_spectral_reg and not adapter_config.has_expert_up_projections:
+            raise AdapterConfigError("--enable_spectral_reg needs expert up-projections: use a multi-expert --method")
+
+    def spectral_due(self, step: int, steps_per_epoch: int) -> bool:
+        """The reference schedule: every ``spectral_reg_steps`` steps (at step S-1, 2S-1, ...), else at the
+        first step of every ``spectral_reg_frequency`` epochs."""
+        if self.spectral_reg_steps:
+            return (step + 1) % self.spectral_reg_steps == 0
+        return step % (self.spectral_reg_frequency * steps_per_epoch) == 0
 
 
 def squared_coefficient_of_variation(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from transformers import Trainer
@@ -17,29 +16,7 @@ from transformers import Trainer
 from mtlora.checkpoint import load_adapter_weights, save_adapter
 from mtlora.config import AdapterConfig
 from mtlora.injection import set_task_ids
-from mtlora.losses import balance_loss, clear_routing_records, spectral_loss
-
-
-@dataclass
-class AuxiliaryLosses:
-    """Which auxiliary losses to add and when (see METHOD.md for the reference schedule)."""
-
-    enable_blc: bool = False
-    blc_alpha: float = 0.01
-    enable_spectral_reg: bool = False
-    spectral_reg_lambda: float = 1.0
-    spectral_reg_form: str = "reference"
-    spectral_reg_frequency: int = 1
-    spectral_reg_steps: int | None = None
-    spectral_reg_max_matrices: int = 64
-
-
-def spectral_step_due(step: int, losses: AuxiliaryLosses, steps_per_epoch: int) -> bool:
-    """The reference schedule: every ``spectral_reg_steps`` steps (at step S-1, 2S-1, ...), else at the
-    first step of every ``spectral_reg_frequency`` epochs."""
-    if losses.spectral_reg_steps:
-        return (step + 1) % losses.spectral_reg_steps == 0
-    return step % (losses.spectral_reg_frequency * steps_per_epoch) == 0
+from mtlora.losses import AuxiliaryLosses, balance_loss, clear_routing_records, spectral_loss
 
 
 class AdapterTrainer(Trainer):
@@ -86,7 +63,7 @@ class AdapterTrainer(Trainer):
         step = self.state.global_step
         if self._spectral_applied_at == step:  # once per optimisation step, on its first micro-batch
             return False
-        if not spectral_step_due(step, self.aux_losses, self._steps_per_epoch):
+        if not self.aux_losses.spectral_due(step, self._steps_per_epoch):
             return False
         self._spectral_applied_at = step
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -10,13 +11,15 @@ import torch
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from mtlora.arguments import AdapterTrainingArguments, DataArguments, MethodArguments, ModelArguments
+from mtlora.arguments import AdapterTrainingArguments, DataArguments, ModelArguments
 from mtlora.checkpoint import save_adapter
+from mtlora.config import AdapterConfig
 from mtlora.injection import attach_adapters, find_decoder_layers
-from mtlora.loading import build_meta_model, load_base_model, load_model_config, load_tokenizer
+from mtlora.loading import build_meta_model, load_base_model, load_tokenizer
+from mtlora.losses import AuxiliaryLosses
 from mtlora.params import count_parameters, format_parameter_count
 from mtlora.trainer import AdapterTrainer
-from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records
+from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records, task_labels
 
 
 def compile_decoder_layers(model) -> None:
@@ -28,10 +31,9 @@ def compile_decoder_layers(model) -> None:
         layer.compile()
 
 
-def count_only(model_args: ModelArguments, method_args: MethodArguments) -> int:
+def count_only(model_args: ModelArguments, adapter_config: AdapterConfig) -> int:
     """Attach adapters to a meta-device model and print ``trainable params: N``."""
-    model = build_meta_model(model_args.model_name_or_path)
-    attach_adapters(model, method_args.adapter_config())
+    model = attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config)
     trainable, total = count_parameters(model)
     print(format_parameter_count(trainable, total))
     return trainable
@@ -58,30 +60,32 @@ def deepspeed_zero_stage(training_args: AdapterTrainingArguments) -> int | None:
     return config.get("zero_optimization", {}).get("stage", 0)
 
 
-def check_distributed_support(method_args: MethodArguments, training_args: AdapterTrainingArguments) -> None:
+def check_distributed_support(aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments) -> None:
     """Spectral regularisation reads whole expert matrices, which ZeRO-3 partitions across ranks."""
-    if method_args.enable_spectral_reg and deepspeed_zero_stage(training_args) == 3:
+    if aux_losses.enable_spectral_reg and deepspeed_zero_stage(training_args) == 3:
         raise ValueError("--enable_spectral_reg needs every expert matrix whole on each rank, which ZeRO-3 "
                          "partitions: use --deepspeed configs/ds_zero2.json or plain DDP")
 
 
-def run_training(model_args: ModelArguments, data_args: DataArguments, method_args: MethodArguments,
-                 training_args: AdapterTrainingArguments, callbacks: list | None = None) -> dict:
+def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
+                 aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments,
+                 callbacks: list | None = None) -> dict:
     """Train adapters and save them in --output_dir; returns the run summary (also written as JSON)."""
-    adapter_config = method_args.adapter_config()
-    aux_losses = method_args.auxiliary_losses()
-    check_distributed_support(method_args, training_args)
-    adapter_config.validate(hidden_size=load_model_config(model_args.model_name_or_path).hidden_size)
+    adapter_config.validate()
+    aux_losses.validate(adapter_config)
+    check_distributed_support(aux_losses, training_args)
     if data_args.data_path is None:
         raise ValueError("--data_path is required for training (a JSON/JSONL file of instruction records)")
     if data_args.max_seq_length < 8:
         raise ValueError(f"--max_seq_length must be at least 8, got {data_args.max_seq_length}")
     records = read_instruction_records(data_args.data_path)
+    adapter_config.task_names = task_labels(records)
+    # Every check that needs the model's shapes (target names, group sizes), on the architecture alone.
+    attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length)
-    adapter_config.num_tasks, adapter_config.task_names = len(dataset.task_names), dataset.task_names
+    dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length, adapter_config.task_names)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     set_seed(training_args.seed)  # adapter and router initialisation is part of the run's seeded state
     model = attach_adapters(load_base_model(model_args.model_name_or_path, dtype=dtype), adapter_config)
@@ -101,6 +105,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, method_ar
     save_adapter(model, adapter_config, training_args.output_dir)
     summary = {
         "model": model_args.model_name_or_path, "adapter_config": adapter_config.to_dict(),
+        "auxiliary_losses": dataclasses.asdict(aux_losses),
         "trainable_params": trainable, "total_params": total, "train_examples": len(dataset),
         "truncated_examples": dataset.num_truncated, "resumed_from": resume,
         "global_step": result.global_step, "train_loss": result.training_loss,

@@ -92,11 +92,16 @@ def tokenize_record(record: dict, tokenizer, max_seq_length: int) -> tuple[dict,
     return example, truncated
 
 
+def task_labels(records: list[dict]) -> list[str]:
+    """The sorted task labels of ``records``: position = the task id MMoELoRA's gate uses."""
+    return sorted({r["task_type"] for r in records})
+
+
 class InstructionDataset(Dataset):
     """Tokenized records; ``task_names`` maps each task label to the id MMoELoRA's gate uses."""
 
     def __init__(self, records: list[dict], tokenizer, max_seq_length: int, task_names: list[str] | None = None):
-        self.task_names = task_names or sorted({r["task_type"] for r in records})
+        self.task_names = task_names or task_labels(records)
         task_index = {name: i for i, name in enumerate(self.task_names)}
         self.examples, self.num_truncated = [], 0
         for record in records:

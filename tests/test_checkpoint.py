@@ -8,32 +8,22 @@ import torch
 from mtlora.checkpoint import export_peft_lora, load_adapter_weights, save_adapter
 from mtlora.config import AdapterConfig
 from mtlora.injection import attach_adapters, set_task_ids
-from tests.conftest import tiny_llama
+from tests.helpers import ADAPTER_MATRIX, adapter_config, randomize_adapters, tiny_llama
 
 TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
-CONFIGS = {
-    "hydralora": AdapterConfig(method="hydralora", lora_nums=4),
-    "mmoelora": AdapterConfig(method="mmoelora", lora_nums=4, num_tasks=3),
-    "mtlora": AdapterConfig(method="mtlora", lora_nums=4, enable_block_adapter=True, block_adapter_type="both",
-                            enable_fine_grained_routing=True, routing_group_size=32),
-}
 
 
 def _trained_looking(config: AdapterConfig):
-    model = attach_adapters(tiny_llama(), config).eval()
-    generator = torch.Generator().manual_seed(3)
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model
+    return randomize_adapters(attach_adapters(tiny_llama(), config), seed=3, scale=0.1).eval()
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", ADAPTER_MATRIX)
 def test_save_load_round_trip_is_bit_identical(name, tmp_path):
-    model = _trained_looking(CONFIGS[name])
+    config = adapter_config(name)
+    model = _trained_looking(config)
     set_task_ids(model, torch.tensor([0, 2]))
     expected = model(TOKENS).logits
-    save_adapter(model, CONFIGS[name], tmp_path)
+    save_adapter(model, config, tmp_path)
     reloaded = attach_adapters(tiny_llama(), AdapterConfig.load(tmp_path / "adapter_config.json")).eval()
     load_adapter_weights(reloaded, tmp_path)
     set_task_ids(reloaded, torch.tensor([0, 2]))
@@ -41,7 +31,7 @@ def test_save_load_round_trip_is_bit_identical(name, tmp_path):
 
 
 def test_loading_into_a_different_adapter_layout_fails_loudly(tmp_path):
-    save_adapter(_trained_looking(CONFIGS["hydralora"]), CONFIGS["hydralora"], tmp_path)
+    save_adapter(_trained_looking(adapter_config("hydralora")), adapter_config("hydralora"), tmp_path)
     other = attach_adapters(tiny_llama(), AdapterConfig(method="hydralora", lora_nums=4, trainable=["q_proj"]))
     with pytest.raises(ValueError, match="does not match the model: missing \\[\\] \\(0\\), unexpected"):
         load_adapter_weights(other, tmp_path)

@@ -7,10 +7,10 @@ import json
 import tarfile
 
 import pytest
-from eval_fixtures import write_bbh_folder, write_mmlu_folder
 
 from data import prepare
 from data.bigbench import BBH_SOURCE_TASKS, example_record
+from tests.helpers import write_bbh_folder, write_mmlu_folder
 from mtlora.evaluation.bbh import load_bbh_task
 from mtlora.evaluation.mmlu import load_mmlu_csv
 

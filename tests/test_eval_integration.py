@@ -10,8 +10,6 @@ import json
 
 import pytest
 import torch
-from eval_fixtures import (SHARED_DATA, randomize_adapters, skip_without_shared_data, skip_without_smollm2,  # noqa: F401
-                           smollm2, tiny_llama, write_bbh_folder, write_mmlu_folder)
 
 import eval_bbh
 import eval_heldout
@@ -21,6 +19,7 @@ from mtlora.config import AdapterConfig
 from mtlora.evaluation.bbh import NUM_EXEMPLARS, build_bbh_prompt, load_bbh_task, run_bbh
 from mtlora.evaluation.mmlu import NUM_SHOTS, build_mmlu_prompt, letter_token_ids, load_subject, run_mmlu
 from mtlora.injection import attach_adapters
+from tests.helpers import SHARED_DATA, randomize_adapters, skip_without_shared_data, write_bbh_folder, write_mmlu_folder
 
 BBH_TASKS = ["boolean_expressions", "sports_understanding"]  # the shortest prompts: keeps CPU time low
 MMLU_SUBJECTS = ["world_religions", "management"]
@@ -80,19 +79,6 @@ def test_mmlu_batched_matches_reference_loop(smollm2, shared_data, tmp_path):  #
             assert list(prediction["logprobs"].values()) == pytest.approx(logprobs.tolist(), abs=2e-3)
             assert prediction["generated_token"] == reference_generation(model, tokenizer, prompt, 1)
             assert prediction["answer"] == item["answer"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A random 2-layer LLaMA with the SmolLM2 tokenizer, saved as an HF folder."""
-    skip_without_smollm2()
-    from mtlora.loading import load_tokenizer
-
-    tokenizer = load_tokenizer(None)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_eval_bbh_cli_smoke(tiny_model_dir, tmp_path, capsys):

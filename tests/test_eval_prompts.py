@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_fixtures import smollm2_tokenizer, write_bbh_folder, write_mmlu_folder  # noqa: F401 - fixture
 
 from mtlora.evaluation.bbh import _task_prompts, build_bbh_prompt, load_bbh_task, resolve_tasks
 from mtlora.evaluation.heldout import encode_record, limit_per_task
 from mtlora.evaluation.mmlu import (build_mmlu_prompt, fit_prompt, format_header, letter_token_ids, load_mmlu_csv,
                                     resolve_subjects)
 from mtlora.prompts import build_training_prompt
+from tests.helpers import write_bbh_folder, write_mmlu_folder
 
 
 class CharTokenizer:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from eval_fixtures import randomize_adapters, tiny_llama
 
 from mtlora.config import AdapterConfig
 from mtlora.evaluation.answers import (CHOICE, FREE, LABEL, NUMBER, answer_line, argmax_letter, exact_match,
@@ -16,6 +15,7 @@ from mtlora.evaluation.bbh import score_bbh_task, summarize_bbh
 from mtlora.evaluation.heldout import summarize_heldout
 from mtlora.evaluation.mmlu import OTHER, STEM, score_subject, summarize_mmlu
 from mtlora.injection import attach_adapters
+from tests.helpers import randomize_adapters, tiny_llama
 
 YES_NO = frozenset({"yes", "no"})
 TRUE_FALSE = frozenset({"true", "false"})

@@ -5,12 +5,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
 from mtlora.experiments import registry
 from mtlora.experiments.registry import SCALES, TABLES, Track
 from mtlora.experiments.runner import RunSettings, as_cli, run_table, train_flags
-from tests.conftest import REPO_CONFIGS, tiny_llama, write_multitask_records
+from tests.helpers import write_multitask_records
 
 
 def test_registry_rows_give_the_paper_flags():
@@ -23,11 +22,7 @@ def test_registry_rows_give_the_paper_flags():
 
 
 @pytest.fixture
-def tiny_setup(tmp_path, monkeypatch):
-    tokenizer = AutoTokenizer.from_pretrained(REPO_CONFIGS / "smollm2-135m")
-    model_dir = tmp_path / "model"
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+def tiny_setup(tmp_path, monkeypatch, tiny_model_dir):
     data = tmp_path / "data"
     data.mkdir()
     write_multitask_records(data / "train.jsonl", count=48)
@@ -43,7 +38,7 @@ def tiny_setup(tmp_path, monkeypatch):
                     eval_limits={"heldout": 2, "bbh": 2}, eval_batch_size=4)
     monkeypatch.setitem(registry.SCALES, "tiny", scale)
     monkeypatch.setitem(TABLES, "main_ablation", replace(TABLES["main_ablation"], scales=("tiny",)))
-    return RunSettings(model_name_or_path=str(model_dir), num_gpus=1, results_dir=tmp_path / "results",
+    return RunSettings(model_name_or_path=str(tiny_model_dir), num_gpus=1, results_dir=tmp_path / "results",
                        bbh_dir=str(bbh), mmlu_dir=str(bbh), use_cuda=False)
 
 

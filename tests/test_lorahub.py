@@ -11,11 +11,11 @@ import torch
 from compose_lorahub import main as compose_main
 from mtlora.checkpoint import load_adapter_weights, save_adapter
 from mtlora.config import AdapterConfig
-from mtlora.injection import attach_adapters
+from mtlora.injection import adapter_modules, attach_adapters
 from mtlora.loading import load_model_for_eval
 from mtlora.lorahub import (bbh_exemplar_examples, compose_lora_modules, minimize_cma, read_lora_modules,
                             records_to_examples, set_composition)
-from tests.conftest import requires_smollm2, tiny_llama
+from tests.helpers import random_adapter_checkpoint, requires_smollm2, tiny_llama
 
 LORA = AdapterConfig(method="lora", lora_rank=4)
 TOKENS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -23,13 +23,7 @@ TOKENS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0
 
 def _lora_checkpoint(folder, seed: int, config: AdapterConfig = LORA, vocab_size: int = 128) -> str:
     """A LoRA checkpoint with random non-zero A and B."""
-    model = attach_adapters(tiny_llama(vocab_size=vocab_size), config)
-    generator = torch.Generator().manual_seed(seed)
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    save_adapter(model, config, folder)
-    return str(folder)
+    return random_adapter_checkpoint(folder, config, seed=seed, scale=0.3, vocab_size=vocab_size)
 
 
 def test_one_hot_weights_reproduce_a_module_exactly(tmp_path):
@@ -69,20 +63,15 @@ def test_modules_must_be_compatible_lora(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny LLaMA saved with the SmolLM2 tokenizer, three LoRA modules and a 2-task BBH folder."""
-    from mtlora.loading import load_tokenizer
-
+def tiny(tmp_path_factory, tiny_model_dir, tokenizer):
+    """The tiny LLaMA with the SmolLM2 tokenizer, three LoRA modules and a 2-task BBH folder."""
     root = tmp_path_factory.mktemp("lorahub")
-    tokenizer = load_tokenizer(None)
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
     modules = [_lora_checkpoint(root / f"lora{i}", 10 + i, vocab_size=len(tokenizer)) for i in range(3)]
     (root / "bbh").mkdir()
     for task in ("navigate", "web_of_lies"):
         items = [{"input": f"{task} question {k}?", "target": "Yes" if k % 2 else "No"} for k in range(5)]
         (root / "bbh" / f"{task}.json").write_text(json.dumps(items))
-    return {"root": root, "model": str(root / "model"), "modules": modules, "tokenizer": tokenizer}
+    return {"root": root, "model": str(tiny_model_dir), "modules": modules, "tokenizer": tokenizer}
 
 
 @requires_smollm2
@@ -96,20 +85,40 @@ def test_bbh_exemplars_use_the_eval_prompt_without_their_own_answer(tiny):
     assert prompt.count("navigate question 0") == 1 and target == " No"
 
 
-@requires_smollm2
+def _fitted_lora(folder, model_dir: str, examples: list[dict], tokenizer, steps: int = 30) -> str:
+    """A LoRA module trained for a few steps on ``examples``: composing it can lower their loss."""
+    from mtlora.loading import load_base_model
+    from mtlora.training_data import PaddingCollator
+
+    model = attach_adapters(load_base_model(model_dir), LORA).train()
+    torch.nn.init.normal_(adapter_modules(model)["model.layers.0.self_attn.q_proj.adapter"].lora_B, std=0.01)
+    batch = PaddingCollator(tokenizer.pad_token_id)([{**e, "task_id": 0} for e in examples])
+    batch.pop("task_ids")
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    save_adapter(model, LORA, folder)
+    return str(folder)
+
+
 def test_compose_improves_the_loss_and_reloads_for_evaluation(tiny, tmp_path):
     from mtlora.loading import load_base_model
 
     records = [{"instruction": "Say yes.", "input": "", "output": "Yes", "task_type": "t"}] * 4
     examples = records_to_examples(records, tiny["tokenizer"], 64)
+    modules = [_fitted_lora(tmp_path / "fitted", tiny["model"], examples, tiny["tokenizer"]), *tiny["modules"][:2]]
     model, trace = load_base_model(tiny["model"]), []
-    weights, config = compose_lora_modules(model, tiny["modules"], examples, tiny["tokenizer"], budget=10, seed=0,
+    weights, config = compose_lora_modules(model, modules, examples, tiny["tokenizer"], budget=12, seed=0,
                                            trace=trace)
-    assert len(weights) == 3 and len(trace) == 10 and config.method == "lora"
+    assert len(weights) == 3 and len(trace) == 12 and config.method == "lora"
     assert trace[0]["weights"] == [0.0, 0.0, 0.0]
-    assert min(t["objective"] for t in trace) <= trace[0]["objective"]
-    save_adapter(model, config, tmp_path)
-    reloaded, _ = load_model_for_eval(tiny["model"], str(tmp_path))
+    assert min(t["objective"] for t in trace) < trace[0]["objective"]  # a strict improvement on the start
+    # found through the module that fits the examples (A and B are both scaled, so w and -w give one update)
+    assert abs(weights[0]) > 0.1
+    save_adapter(model, config, tmp_path / "composed")
+    reloaded, _ = load_model_for_eval(tiny["model"], str(tmp_path / "composed"))
     with torch.no_grad():
         assert torch.equal(reloaded(TOKENS).logits, model.eval()(TOKENS).logits)
 

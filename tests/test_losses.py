@@ -5,11 +5,10 @@ import torch
 from mtlora.config import AdapterConfig
 from mtlora.injection import attach_adapters, routed_adapters
 from mtlora.losses import (
-    balance_loss, spectral_loss, spectral_penalty_reference, spectral_penalty_singular_basis,
+    AuxiliaryLosses, balance_loss, spectral_loss, spectral_penalty_reference, spectral_penalty_singular_basis,
     squared_coefficient_of_variation,
 )
-from mtlora.trainer import AuxiliaryLosses, spectral_step_due
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 
 TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
 
@@ -63,9 +62,9 @@ def test_spectral_loss_is_zero_without_nan_when_experts_are_zero():
 
 def test_spectral_schedule_matches_the_reference():
     every_500 = AuxiliaryLosses(enable_spectral_reg=True, spectral_reg_steps=500)
-    assert [s for s in range(940) if spectral_step_due(s, every_500, steps_per_epoch=940)] == [499]
+    assert [s for s in range(940) if every_500.spectral_due(s, steps_per_epoch=940)] == [499]
     per_epoch = AuxiliaryLosses(enable_spectral_reg=True)
-    assert [s for s in range(30) if spectral_step_due(s, per_epoch, steps_per_epoch=10)] == [0, 10, 20]
+    assert [s for s in range(30) if per_epoch.spectral_due(s, steps_per_epoch=10)] == [0, 10, 20]
 
 
 def test_checkpoint_recompute_does_not_replace_the_recorded_routing():

@@ -6,46 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import TrainerCallback
 
-from mtlora.arguments import AdapterTrainingArguments, DataArguments, MethodArguments, ModelArguments
+from mtlora.arguments import AdapterTrainingArguments, DataArguments, ModelArguments
 from mtlora.config import AdapterConfig
 from mtlora.injection import attach_adapters, set_task_ids
-from mtlora.losses import balance_loss
+from mtlora.losses import AuxiliaryLosses, balance_loss
 from mtlora.training import run_training
 from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records
-from tests.conftest import REPO_CONFIGS, requires_smollm2, tiny_llama
+from tests.helpers import METHODS, adapter_config, requires_smollm2, tiny_llama
 from train import main as train_main
-
-TOKENIZER_DIR = REPO_CONFIGS / "smollm2-135m"
-METHODS = {
-    "lora": dict(method="lora"),
-    "hydralora": dict(method="hydralora", lora_nums=4),
-    "mmoelora": dict(method="mmoelora", lora_nums=4, num_tasks=3),
-    "mtlora": dict(method="mtlora", lora_nums=4, enable_block_adapter=True, enable_fine_grained_routing=True,
-                   routing_group_size=32),
-}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    tok.pad_token = tok.unk_token
-    return tok
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path, tokenizer) -> Path:
-    """A tiny random LLaMA with the SmolLM2 tokenizer, saved like a Hub model."""
-    model = tiny_llama(vocab_size=len(tokenizer))
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_one_optimisation_step_lowers_the_loss(name, multitask_records, tokenizer):
-    model = attach_adapters(tiny_llama(vocab_size=len(tokenizer)), AdapterConfig(**METHODS[name])).train()
+    model = attach_adapters(tiny_llama(vocab_size=len(tokenizer)), adapter_config(name)).train()
     dataset = InstructionDataset(read_instruction_records(multitask_records)[:8], tokenizer, max_seq_length=64)
     batch = PaddingCollator(tokenizer.pad_token_id)([dataset[i] for i in range(8)])
     set_task_ids(model, batch.pop("task_ids"))
@@ -60,13 +35,13 @@ def test_one_optimisation_step_lowers_the_loss(name, multitask_records, tokenize
 
 
 def _args(model_dir, data_path, output_dir, **overrides):
-    method = MethodArguments(method="mtlora", lora_nums=4, enable_block_adapter=True, enable_blc=True,
-                             enable_spectral_reg=True, spectral_reg_steps=2, lora_dropout=0.1)
+    adapter = AdapterConfig(method="mtlora", lora_nums=4, enable_block_adapter=True, lora_dropout=0.1)
+    losses = AuxiliaryLosses(enable_blc=True, enable_spectral_reg=True, spectral_reg_steps=2)
     training = dict(output_dir=str(output_dir), max_steps=6, per_device_train_batch_size=4, save_steps=3,
                     logging_steps=1, learning_rate=5e-3, use_cpu=True, dataloader_num_workers=0, save_total_limit=None)
     training.update(overrides)
     return (ModelArguments(str(model_dir) if model_dir else None), DataArguments(str(data_path), max_seq_length=48),
-            method, AdapterTrainingArguments(**training))
+            adapter, losses, AdapterTrainingArguments(**training))
 
 
 class _KillAtStep(TrainerCallback):
@@ -111,10 +86,11 @@ def test_short_mtlora_run_on_smollm2_lowers_the_loss(multitask_records, tmp_path
 
 
 BAD_INPUTS = [
-    (["--method", "adalora"], "--method: unknown method 'adalora'"),
+    (["--method", "adalora"], "--method: unknown value 'adalora'"),
     (["--lora_rank", "0"], "--lora_rank must be >= 1"),
-    (["--lora_nums", "0"], "--lora_nums (number of experts) must be >= 1"),
-    (["--enable_fine_grained_routing", "--routing_group_size", "48"], "--routing_group_size 48 does not divide the model's hidden size 64"),
+    (["--lora_nums", "0"], "--lora_nums must be >= 1"),
+    (["--enable_fine_grained_routing", "--routing_group_size", "48"], "--routing_group_size 48 does not divide the output width 64"),
+    (["--blc_alpha", "-1"], "--blc_alpha must be >= 0"),
     (["--model_name_or_path", "./no/such/model"], "--model_name_or_path ./no/such/model: no such file or folder"),
     (["--data_path", "missing.jsonl"], "--data_path missing.jsonl: no such file"),
 ]
@@ -161,15 +137,15 @@ def test_a_folder_saved_from_the_gguf_model_loads_as_a_trainable_float_model(tmp
 def test_spectral_regularisation_is_refused_under_zero3_before_loading(tmp_path):
     from mtlora.training import check_distributed_support
 
-    method = MethodArguments(method="mtlora", enable_spectral_reg=True)
+    losses = AuxiliaryLosses(enable_spectral_reg=True)
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     training = AdapterTrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True)
     training.deepspeed = str(config)  # set after construction: building it with DeepSpeed would need the package
     with pytest.raises(ValueError, match="--enable_spectral_reg needs every expert matrix whole"):
-        check_distributed_support(method, training)
+        check_distributed_support(losses, training)
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    check_distributed_support(method, training)
+    check_distributed_support(losses, training)
 
 
 def test_compiled_decoder_layers_match_eager_loss_and_gradients():
