@@ -102,7 +102,9 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
 class ToyBalanceTrainer(Trainer):
     """compute_loss = LM loss + blc_alpha * mean over adapters of CV^2(routing_mean), as the reference."""
 
-    blc_alpha = 0.0
+    def __init__(self, *args, blc_alpha: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.blc_alpha = blc_alpha
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         outputs = model(**inputs)
@@ -158,7 +160,7 @@ def one_step(adapters: str, mode: str, input_grads: bool, blc_alpha: float) -> d
     model = tiny_llama(seed=0)
     if adapters == "toy":
         attach_toy_adapters(model)
-        trainer_cls, extra = ToyBalanceTrainer, {}
+        trainer_cls, extra = ToyBalanceTrainer, {"blc_alpha": blc_alpha}
     else:
         trainer_cls, extra = project_setup(model, blc_alpha)
     if input_grads:
@@ -176,7 +178,6 @@ def one_step(adapters: str, mode: str, input_grads: bool, blc_alpha: float) -> d
             save_strategy="no", logging_strategy="no", remove_unused_columns=False, disable_tqdm=True, seed=0,
         )
         trainer = type("Probe", (GradProbe, trainer_cls), {})(model=model, args=args, train_dataset=training_batch(), **extra)
-        trainer.blc_alpha = blc_alpha
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its final metrics
                 trainer.train()
