@@ -24,10 +24,10 @@ from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from mtlora.adapters import RoutedLowRankAdapter, TaskGatedLoRA  # noqa: E402
-from mtlora.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_checkpoint, read_adapter_config  # noqa: E402
+from mtlora.adapters import RoutedLowRankAdapter  # noqa: E402
+from mtlora.checkpoint import ADAPTER_WEIGHTS, read_adapter_config  # noqa: E402
 from mtlora.config import AdapterConfig  # noqa: E402
-from mtlora.injection import set_task_ids  # noqa: E402
+from mtlora.injection import routed_adapters, set_task_ids  # noqa: E402
 from mtlora.loading import DTYPES, load_model_for_eval  # noqa: E402
 from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records  # noqa: E402
 
@@ -72,18 +72,10 @@ def parse_labelled_paths(items: list[str], flag: str = "--checkpoints") -> list[
 
 # ------------------------------------------------------------------------------------------- models
 
-def checkpoint_config(checkpoint: str | Path, flag: str = "--checkpoints") -> AdapterConfig:
-    """The adapter config of a train.py output folder; a clear error naming ``flag`` when it is not one."""
-    if not is_adapter_checkpoint(checkpoint):
-        raise FileNotFoundError(f"{flag} {checkpoint}: expected a folder with {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} "
-                                "(written by train.py)")
-    return read_adapter_config(checkpoint)
-
-
 def load_checkpoint(checkpoint: str | Path, model_name_or_path: str | None = None, dtype: str = "float32",
                     device: str = "cpu", flag: str = "--checkpoints") -> tuple[nn.Module, object, AdapterConfig]:
     """(model in eval mode with the adapters of a train.py output folder, tokenizer, adapter config)."""
-    config = checkpoint_config(checkpoint, flag)
+    config = read_adapter_config(checkpoint, flag)
     model, tokenizer = load_model_for_eval(model_name_or_path, str(checkpoint), dtype=DTYPES[dtype], device=device)
     return model, tokenizer, config
 
@@ -96,17 +88,12 @@ def block_index(module_name: str) -> int:
     return int(match.group(1))
 
 
-def named_routed_adapters(model: nn.Module) -> dict[str, RoutedLowRankAdapter]:
-    """Name -> adapter, for the adapters with a router (the ones whose routing can be analysed)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, RoutedLowRankAdapter) and m.router is not None}
-
-
 def read_adapter_factors(checkpoint: str | Path) -> tuple[AdapterConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(config, adapter name -> (A, B)) straight from the safetensors file, without loading a model.
 
     A has shape (E_A, r, d_in) with E_A = 1 for a shared down-projection; B has shape (E, d_out, r).
     """
-    config = checkpoint_config(checkpoint)
+    config = read_adapter_config(checkpoint, "--checkpoints")
     tensors = load_file(str(Path(checkpoint) / ADAPTER_WEIGHTS))
     factors = {}
     for key, b in tensors.items():
@@ -155,8 +142,7 @@ def task_batches(records_by_task: dict[str, list[dict]], tokenizer, config: Adap
 
 def model_inputs(model: nn.Module, batch: dict, device: str | torch.device) -> dict:
     """Move a batch to ``device`` and hand MMoELoRA its task ids; returns the forward kwargs."""
-    if any(isinstance(m, TaskGatedLoRA) for m in model.modules()):
-        set_task_ids(model, batch["task_ids"].to(device))
+    set_task_ids(model, batch["task_ids"].to(device))  # a no-op without task-gated adapters
     return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 
 
@@ -193,7 +179,7 @@ class RoutingStats:
 def capture_routing(model: nn.Module, stats: RoutingStats):
     """Within the block, every routed adapter's routing weights on the tokens of ``capture_routing.mask``
     (a flat bool tensor over batch*sequence, set before each forward) are added to ``stats``."""
-    adapters = named_routed_adapters(model)
+    adapters = routed_adapters(model)
     if not adapters:
         raise ValueError("the checkpoint has no routed adapters (plain --method lora or mmoelora has no token router)")
     state = {"mask": None}

@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from analysis.common import (add_data_arguments, add_model_arguments, block_index, load_checkpoint,
-                             named_routed_adapters, routing_stats_by_task, sample_records_by_task, task_batches,
-                             write_outputs)
+                             routing_stats_by_task, sample_records_by_task, task_batches, write_outputs)
+from mtlora.injection import routed_adapters
 
 NAME = "routing_patterns"
 
@@ -77,7 +77,7 @@ def routing_patterns(checkpoint: str, data_path: str, output_dir: str, layers: l
     """Compute, plot and save the task x expert routing matrices of one checkpoint; returns the JSON data."""
     records = sample_records_by_task(data_path, samples_per_task, seed)
     model, tokenizer, config = load_checkpoint(checkpoint, model_name_or_path, dtype, device, flag="--checkpoint")
-    layers = resolve_layers(list(named_routed_adapters(model)), layers)  # fail before the forward passes
+    layers = resolve_layers(list(routed_adapters(model)), layers)  # fail before the forward passes
     stats = routing_stats_by_task(model, task_batches(records, tokenizer, config, batch_size, max_seq_length), device)
     matrices = routing_matrices(stats, layers)
     tasks = list(records)

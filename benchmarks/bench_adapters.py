@@ -4,14 +4,15 @@ One run measures, on whatever device is there (the numbers that count come from 
 
 1. ``adapter``: forward+backward time and peak activation memory of one routed adapter at LLaMA-2-7B
    width (N = 8192 tokens, d = 4096, r = 16, E = 16), scalar routing and routing groups of 2048, 512,
-   256, 128 columns; the package's fused path against :class:`LoopAdapter` (the public reference's
-   pattern), plus the block's own MLP for scale.
+   256, 128 columns; the package's fused mix against its per-expert loop (the public reference's
+   pattern, ``mtlora.injection.set_expert_mix``), plus the block's own MLP for scale.
 2. ``train``: a whole training step (bf16 frozen base, float32 adapter master weights, AdamW, gradient
    clipping, balance loss, gradient checkpointing) of a random-weight LLaMA-2-7B-shaped model for
    hydralora (q_proj, v_proj), block-ffn and full mtLoRA, fused against loop, and the base model
    with no adapters as the floor; then a profile of one mtLoRA step of each implementation.
-3. ``eval``: questions/s of batched greedy generation (BBH-like, 3-shot prompt lengths, 32 new
-   tokens) and of batched last-token log-likelihood (MMLU-like, 5-shot prompt lengths) for a
+3. ``eval``: questions/s of the evaluators' batched greedy generation (BBH-like, 3-shot prompt lengths,
+   up to 32 new tokens) and next-token scoring (MMLU-like, 5-shot prompt lengths), both from
+   ``mtlora.evaluation.batching``, for a
    SmolLM2-135M-shaped and the LLaMA-2-7B-shaped random model, without and with mtLoRA adapters.
 4. ``nockpt``: the floor and mtLoRA steps without gradient checkpointing on the first few layers.
 5. ``compile``: ``torch.compile`` of the fused adapter, and the mtLoRA step with every decoder layer
@@ -39,11 +40,12 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mtlora.adapters import RoutedLowRankAdapter
 from mtlora.config import AdapterConfig
-from mtlora.injection import ADAPTER_NAME, _add_adapter_output, adapter_modules, attach_adapters
+from mtlora.evaluation.batching import generate_batched, next_token_scores
+from mtlora.injection import adapter_modules, attach_adapters, detach_adapters, set_expert_mix
 from mtlora.losses import balance_loss, clear_routing_records
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -83,54 +85,6 @@ QUICK = Sizes(tokens=48, width=64, rank=4, experts=4, batch=2, seq_len=16, warmu
               model_overrides=TINY_MODEL, smollm_overrides=TINY_MODEL, gen_prompt=(12, 20), mmlu_prompt=(10, 16),
               new_tokens=4, eval_questions={("smollm2-135m", "bbh"): (4, 2), ("smollm2-135m", "mmlu"): (4, 2),
                                             ("llama-2-7b", "bbh"): (4, 2), ("llama-2-7b", "mmlu"): (4, 2)})
-
-
-# ----------------------------------------------------------------------------------------------------
-# The reference: a Python loop over experts, one full-width output each
-
-
-def reference_loop_mix(code: torch.Tensor, weights: torch.Tensor, expert_up: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i * (B_i code) as the public code computes it: one (N, d_out) output per expert.
-
-    Scalar routing multiplies by a broadcast (N, 1) weight (HydraLoRA's code); fine-grained routing
-    repeats each group's weight over the group's columns (N, d_out) first, as the mtLoRA reference does.
-    """
-    num_experts, d_out, _ = expert_up.shape
-    num_groups = weights.shape[1]
-    out = 0
-    for i in range(num_experts):
-        expert_out = code @ expert_up[i].t()
-        weight = weights[:, :, i] if num_groups == 1 else weights[:, :, i].repeat_interleave(d_out // num_groups, dim=1)
-        out = out + weight * expert_out
-    return out
-
-
-class LoopAdapter(RoutedLowRankAdapter):
-    """The same module and parameters, with the reference's per-expert loop for the mix.
-
-    The code A(dropout(u)) is computed once and shared by all experts (the reference recomputes it in
-    the loop, with a fresh dropout mask per expert): the loop is given the cheaper form, and the two
-    implementations draw the same dropout mask, so they compute the same function.
-    """
-
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        tokens = u.reshape(-1, self.in_features)
-        code = self.dropout(tokens) @ self.lora_A.to(u.dtype).t()
-        probabilities = self._routing_probabilities(tokens)
-        if self.training and self.router is not None and self.routing_mean is None:
-            self.routing_mean = probabilities.mean(dim=(0, 1))
-        out = reference_loop_mix(code, (probabilities * self.scaling).to(u.dtype), self.lora_B.to(u.dtype))
-        return out.reshape(*u.shape[:-1], self.out_features)
-
-
-def use_implementation(model: nn.Module, impl: str) -> None:
-    """Switch every routed adapter of ``model`` to the fused (package) or loop (reference) forward."""
-    cls = LoopAdapter if impl == "loop" else RoutedLowRankAdapter
-    for module in model.modules():
-        if isinstance(module, RoutedLowRankAdapter):
-            if module.style != "lowrank":
-                raise ValueError("the loop reference covers the lowrank style only")
-            module.__class__ = cls
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,7 +181,7 @@ def check_adapter_agreement(sizes: Sizes, groups: int, device: torch.device) -> 
     x = torch.randn(sizes.tokens, sizes.width, device=device)
     upstream = torch.randn(sizes.tokens, sizes.width, device=device)
     fused = adapter_grads(adapter, x, upstream, seed=1)
-    adapter.__class__ = LoopAdapter
+    set_expert_mix(adapter, "loop")
     loop = adapter_grads(adapter, x, upstream, seed=1)
     return max(relative_error(f, l) for f, l in zip(fused, loop))
 
@@ -251,7 +205,7 @@ def bench_adapter(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> dic
             raise AssertionError(f"fused and loop adapters disagree at G={groups}: relative error {agreement[groups]:.2e}")
         adapter = make_adapter(sizes, groups, device)
         for impl in ("fused", "loop"):
-            use_implementation(adapter, impl)
+            set_expert_mix(adapter, impl)
             step = fwd_bwd(adapter, x, upstream)
             rows.append(dict(impl=impl, groups=groups, group_size=sizes.width // groups,
                              **measure(step, device, sizes), **gpu_kernel_time(step, device)))
@@ -333,17 +287,6 @@ def scale_adapter_config(config: AdapterConfig, sizes: Sizes) -> AdapterConfig:
     return config
 
 
-def detach_adapters(model: nn.Module) -> None:
-    """Remove what :func:`attach_adapters` added (child modules and forward hooks)."""
-    for host in list(model.modules()):
-        if isinstance(getattr(host, ADAPTER_NAME, None), nn.Module) and host is not model:
-            for key, hook in list(host._forward_hooks.items()):
-                if hook is _add_adapter_output:
-                    del host._forward_hooks[key]
-                    host._forward_hooks_with_kwargs.pop(key, None)
-            delattr(host, ADAPTER_NAME)
-
-
 def attach(model: nn.Module, method: str, sizes: Sizes) -> list[nn.Parameter]:
     """Attach ``method``'s adapters (random experts, float32 master weights); returns the trainable params."""
     detach_adapters(model)
@@ -390,7 +333,7 @@ def check_step_agreement(model: nn.Module, params: list[nn.Parameter], batch: di
     """Loss and adapter-gradient relative differences, fused against loop, same dropout masks."""
     results = {}
     for impl in ("fused", "loop"):
-        use_implementation(model, impl)
+        set_expert_mix(model, impl)
         torch.manual_seed(1)
         loss = forward_backward(model, batch)
         results[impl] = (loss, torch.cat([p.grad.flatten() for p in params]))
@@ -419,7 +362,8 @@ def bench_steps(model: nn.Module, sizes: Sizes, device: torch.device, methods: t
         if params:
             agreement[method] = check_step_agreement(model, params, batch)
         for impl in impls if params else ("base",):
-            use_implementation(model, impl)
+            if params:
+                set_expert_mix(model, impl)
             result = measure(train_step_fn(model, params, batch), device, sizes, inner=1)
             rows.append(dict(setting=label, method=method, impl=impl, tokens=sizes.batch * sizes.seq_len,
                              tokens_per_s=sizes.batch * sizes.seq_len / result["ms"] * 1000, **result))
@@ -438,7 +382,7 @@ def profile_steps(model: nn.Module, sizes: Sizes, device: torch.device, out_dir:
     step = train_step_fn(model, params, make_batch(model, sizes, device))
     files = {}
     for impl in ("fused", "loop"):
-        use_implementation(model, impl)
+        set_expert_mix(model, impl)
         step()
         synchronize(device)
         with profile(activities=activities) as prof:
@@ -455,54 +399,17 @@ def profile_steps(model: nn.Module, sizes: Sizes, device: torch.device, out_dir:
 # 3. Evaluation throughput
 
 
-def random_prompts(count: int, lengths: tuple[int, int], vocab: int, seed: int) -> list[torch.Tensor]:
-    """Random token ids with uniformly drawn lengths, longest first (batches of similar lengths pad least)."""
+def random_prompts(count: int, lengths: tuple[int, int], vocab: int, seed: int) -> list[list[int]]:
+    """Random token ids with uniformly drawn lengths."""
     generator = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, vocab, (int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=generator)),),
-                             generator=generator) for _ in range(count)]
-    return sorted(prompts, key=len, reverse=True)
-
-
-def left_pad(prompts: list[torch.Tensor], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
-
-
-@torch.inference_mode()
-def run_generation(model: nn.Module, prompts: list[torch.Tensor], batch_size: int, sizes: Sizes, pad_id: int,
-                   device: torch.device) -> int:
-    """Greedy generation of exactly ``new_tokens`` tokens per prompt, in left-padded batches."""
-    generated = 0
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[start:start + batch_size], pad_id, device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=sizes.new_tokens,
-                             min_new_tokens=sizes.new_tokens, do_sample=False, pad_token_id=pad_id)
-        generated += out.shape[0] * (out.shape[1] - ids.shape[1])
-    return generated
-
-
-@torch.inference_mode()
-def run_loglik(model: nn.Module, prompts: list[torch.Tensor], batch_size: int, pad_id: int,
-               device: torch.device) -> int:
-    """The reply among four letter tokens by their next-token log-probability, in left-padded batches."""
-    letters = torch.tensor([4, 5, 6, 7], device=device)  # stand-ins for the tokens " A" ... " D"
-    answered = 0
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = left_pad(prompts[start:start + batch_size], pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
-        answered += int(torch.log_softmax(logits.float(), -1)[:, letters].argmax(-1).numel())
-    return answered
+    return [torch.randint(3, vocab, (int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=generator)),),
+                          generator=generator).tolist() for _ in range(count)]
 
 
 def time_eval(model: nn.Module, name: str, sizes: Sizes, device: torch.device, label: str) -> list[dict]:
-    """Questions/s of BBH-like generation and MMLU-like log-likelihood scoring for one model."""
+    """Questions/s of the evaluators' own batched generation (BBH-like) and next-token scoring (MMLU-like)."""
     rows = []
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    tokenizer = AutoTokenizer.from_pretrained(CONFIGS / "smollm2-135m")  # decodes the ids; any vocabulary >= the model's
     for task in ("bbh", "mmlu"):
         count, batch_size = sizes.eval_questions[(name, task)]
         lengths = sizes.gen_prompt if task == "bbh" else sizes.mmlu_prompt
@@ -510,8 +417,8 @@ def time_eval(model: nn.Module, name: str, sizes: Sizes, device: torch.device, l
 
         def work(subset):
             if task == "bbh":
-                return run_generation(model, subset, batch_size, sizes, pad_id, device)
-            return run_loglik(model, subset, batch_size, pad_id, device)
+                return generate_batched(model, tokenizer, subset, sizes.new_tokens, batch_size, desc="bench BBH")
+            return next_token_scores(model, tokenizer, subset, [4, 5, 6, 7], batch_size, desc="bench MMLU")
         work(prompts)  # warm-up over every shape: attention plans are built per sequence length
         synchronize(device)
         start = time.perf_counter()
@@ -555,7 +462,7 @@ def bench_compiled_step(model: nn.Module, sizes: Sizes, device: torch.device, ba
     set_checkpointing(model, True)
     batch = make_batch(model, sizes, device)
     params = attach(model, "mtlora", sizes)
-    use_implementation(model, "fused")
+    set_expert_mix(model, "fused")
     layers = find_decoder_layers(model)
     rows, grads = [], {}
     initial = [p.detach().clone() for p in params]

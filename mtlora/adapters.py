@@ -52,6 +52,7 @@ class RoutedLowRankAdapter(nn.Module):
         self.expert_scale = nn.Parameter(torch.zeros(num_experts)) if style == "adaptformer" else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.routing_mean: torch.Tensor | None = None  # (E,) mean routing weight, see forward()
+        self.expert_mix = routed_expert_mix  # or experts.routed_expert_mix_loop (injection.set_expert_mix)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -89,7 +90,7 @@ class RoutedLowRankAdapter(nn.Module):
             self.routing_mean = probabilities.mean(dim=(0, 1))
         scale = self.expert_scale if self.expert_scale is not None else self.scaling
         weights = (probabilities * scale).to(u.dtype)
-        out = routed_expert_mix(code, weights, self.lora_B)  # the mix casts B while laying it out
+        out = self.expert_mix(code, weights, self.lora_B)  # the fused mix casts B while laying it out
         return out.reshape(*u.shape[:-1], self.out_features)
 
 

@@ -44,12 +44,12 @@ def is_adapter_checkpoint(path: str | Path) -> bool:
     return (path / ADAPTER_WEIGHTS).is_file() and (path / ADAPTER_CONFIG).is_file()
 
 
-def read_adapter_config(checkpoint_dir: str | Path) -> AdapterConfig:
-    """The config saved with a checkpoint; a clear error when the folder is not an adapter checkpoint."""
+def read_adapter_config(checkpoint_dir: str | Path, flag: str = "--lora_checkpoint") -> AdapterConfig:
+    """The config saved with a checkpoint; a clear error naming ``flag`` when the folder is not one."""
     checkpoint_dir = Path(checkpoint_dir)
     if not is_adapter_checkpoint(checkpoint_dir):
         raise FileNotFoundError(
-            f"--lora_checkpoint {checkpoint_dir}: expected a folder with {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} "
+            f"{flag} {checkpoint_dir}: expected a folder with {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} "
             "(written by train.py)"
         )
     return AdapterConfig.load(checkpoint_dir / ADAPTER_CONFIG)

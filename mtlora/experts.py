@@ -64,14 +64,17 @@ def _contiguous_as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def routed_expert_mix_loop(code: torch.Tensor, routing_weights: torch.Tensor, expert_up: torch.Tensor) -> torch.Tensor:
     """Reference form of :func:`routed_expert_mix`: a loop over experts, one full-width output each.
 
-    This is the pattern of the public reference implementation; it is kept for tests and benchmarks.
+    This is the pattern of the public reference implementation: scalar routing multiplies each expert's
+    (N, d_out) output by a broadcast (N, 1) weight (HydraLoRA's code), fine-grained routing first repeats
+    each group's weight over the group's columns (N, d_out). It is kept for tests and benchmarks.
     """
-    num_tokens = code.shape[0]
     num_experts, d_out, _ = expert_up.shape
     num_groups = routing_weights.shape[1]
-    out = code.new_zeros(num_tokens, d_out)
+    out = 0
     for i in range(num_experts):
-        expert_out = code @ expert_up[i].t()  # (N, d_out)
-        weight = routing_weights[:, :, i].repeat_interleave(d_out // num_groups, dim=1)  # (N, d_out)
+        expert_out = code @ expert_up[i].to(code.dtype).t()  # (N, d_out)
+        weight = routing_weights[:, :, i]  # (N, G)
+        if num_groups > 1:
+            weight = weight.repeat_interleave(d_out // num_groups, dim=1)  # (N, d_out)
         out = out + weight * expert_out
     return out

@@ -13,14 +13,18 @@ are exactly the parameters whose name contains ``.adapter.``.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from mtlora.adapters import ADAPTER_TYPES, RoutedLowRankAdapter, TaskGatedLoRA
 from mtlora.config import AdapterConfig, AdapterConfigError
+from mtlora.experts import routed_expert_mix, routed_expert_mix_loop
 
 ADAPTER_NAME = "adapter"
 BLOCK_HOSTS = {"ffn": ("mlp",), "attention": ("self_attn",), "both": ("self_attn", "mlp")}
+EXPERT_MIXES = {"fused": routed_expert_mix, "loop": routed_expert_mix_loop}
 
 
 def _add_adapter_output(host: nn.Module, args: tuple, kwargs: dict, output):
@@ -34,7 +38,10 @@ def _add_adapter_output(host: nn.Module, args: tuple, kwargs: dict, output):
 def _install(host: nn.Module, adapter: nn.Module) -> None:
     weight = next(host.parameters())
     host.add_module(ADAPTER_NAME, adapter.to(device=weight.device).train(host.training))
-    host.register_forward_hook(_add_adapter_output, with_kwargs=True)
+    _HOOKS[adapter] = host.register_forward_hook(_add_adapter_output, with_kwargs=True)
+
+
+_HOOKS: "weakref.WeakKeyDictionary[nn.Module, torch.utils.hooks.RemovableHandle]" = weakref.WeakKeyDictionary()
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -108,6 +115,15 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     return model
 
 
+def detach_adapters(model: nn.Module) -> nn.Module:
+    """Remove every adapter :func:`attach_adapters` added (modules and hooks); the base stays frozen."""
+    for name, adapter in adapter_modules(model).items():
+        host = model.get_submodule(name.rpartition(".")[0])
+        _HOOKS.pop(adapter).remove()
+        delattr(host, ADAPTER_NAME)
+    return model
+
+
 def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> adapter module, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)}
@@ -120,12 +136,24 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def set_task_ids(model: nn.Module, task_ids: torch.Tensor | None) -> None:
-    """Give MMoELoRA's task gates the task id of each sequence of the next batch (None: uniform mix)."""
+    """Give MMoELoRA's task gates the task id of each sequence of the next batch (None: no task id)."""
     for module in model.modules():
         if isinstance(module, TaskGatedLoRA):
             module.task_ids = task_ids
 
 
-def routed_adapters(model: nn.Module) -> list[RoutedLowRankAdapter]:
-    """The adapters that have a router (and so take part in the balance loss)."""
-    return [m for m in model.modules() if isinstance(m, RoutedLowRankAdapter) and m.router is not None]
+def routed_adapters(model: nn.Module) -> dict[str, RoutedLowRankAdapter]:
+    """Name -> adapter, for the adapters that have a token router (and so take part in the balance loss)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, RoutedLowRankAdapter) and m.router is not None}
+
+
+def set_expert_mix(model: nn.Module, mix: str) -> None:
+    """Compute every routed adapter's expert mix ``fused`` (the default) or as the reference's per-expert ``loop``.
+
+    Both compute the same function (tests hold them equal); the loop exists to be compared against.
+    """
+    if mix not in EXPERT_MIXES:
+        raise ValueError(f"expert mix must be one of {', '.join(EXPERT_MIXES)}, got {mix!r}")
+    for module in model.modules():
+        if isinstance(module, RoutedLowRankAdapter):
+            module.expert_mix = EXPERT_MIXES[mix]

@@ -73,7 +73,7 @@ def balance_loss(model: nn.Module) -> torch.Tensor | None:
     :func:`clear_routing_records` (which, as in the reference code, include padding tokens).
     Returns None when no adapter recorded routing.
     """
-    means = [m.routing_mean for m in routed_adapters(model) if m.routing_mean is not None]
+    means = [m.routing_mean for m in routed_adapters(model).values() if m.routing_mean is not None]
     if not means:
         return None
     return torch.stack([squared_coefficient_of_variation(p) for p in means]).mean()
@@ -81,7 +81,7 @@ def balance_loss(model: nn.Module) -> torch.Tensor | None:
 
 def clear_routing_records(model: nn.Module) -> None:
     """Drop the recorded routing means, so that the next training forward records afresh."""
-    for adapter in routed_adapters(model):
+    for adapter in routed_adapters(model).values():
         adapter.routing_mean = None
 
 

@@ -6,8 +6,8 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 
 from mtlora.adapters import RoutedLowRankAdapter
 from mtlora.config import AdapterConfig, AdapterConfigError
-from mtlora.injection import adapter_modules, attach_adapters
-from tests.helpers import ADAPTER_MATRIX, adapter_config, tiny_llama
+from mtlora.injection import adapter_modules, attach_adapters, detach_adapters, routed_adapters, set_expert_mix
+from tests.helpers import ADAPTER_MATRIX, adapter_config, randomize_adapters, tiny_llama
 TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
@@ -93,3 +93,29 @@ def test_unknown_target_module_is_rejected_with_available_names():
 def test_group_size_must_divide_the_adapted_width():
     with pytest.raises(AdapterConfigError, match="--routing_group_size 24 does not divide"):
         attach_adapters(tiny_llama(), AdapterConfig(method="mtlora", enable_fine_grained_routing=True, routing_group_size=24))
+
+
+@pytest.mark.parametrize("name", ADAPTER_MATRIX)
+def test_detach_adapters_restores_the_base_model(name):
+    model = tiny_llama()
+    with torch.no_grad():
+        before = model(TOKENS).logits
+        randomize_adapters(attach_adapters(model, adapter_config(name)))
+        assert not torch.allclose(model(TOKENS).logits, before)  # random adapters do change the output
+        detach_adapters(model)
+        torch.testing.assert_close(model(TOKENS).logits, before, rtol=0, atol=0)
+    assert not adapter_modules(model) and not any(p.requires_grad for p in model.parameters())
+    attach_adapters(model, adapter_config(name))  # and the model takes adapters again
+
+
+@pytest.mark.parametrize("name", [n for n in ADAPTER_MATRIX if adapter_config(n).is_routed])
+def test_loop_expert_mix_computes_the_fused_function(name):
+    model = randomize_adapters(attach_adapters(tiny_llama(), adapter_config(name, lora_dropout=0.0)))
+    assert routed_adapters(model)
+    with torch.no_grad():
+        fused = model(TOKENS).logits
+        set_expert_mix(model, "loop")
+        loop = model(TOKENS).logits
+    torch.testing.assert_close(loop, fused, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="expert mix must be one of fused, loop"):
+        set_expert_mix(model, "grouped")

@@ -6,22 +6,12 @@ import pytest
 import torch
 
 from benchmarks import bench_adapters as bench
-from mtlora.experts import routed_expert_mix, routed_expert_mix_loop
-from mtlora.injection import adapter_modules
+from mtlora.experts import routed_expert_mix
 
 
 @pytest.mark.parametrize("groups", bench.GROUP_COUNTS)
 def test_loop_adapter_matches_fused_outputs_and_gradients(groups):
     assert bench.check_adapter_agreement(bench.QUICK, groups, torch.device("cpu")) < 1e-5
-
-
-@pytest.mark.parametrize("groups", [1, 2, 8])
-def test_reference_loop_mix_matches_package_loop(groups):
-    generator = torch.Generator().manual_seed(groups)
-    code = torch.randn(12, 4, generator=generator, dtype=torch.float64)
-    weights = torch.softmax(torch.randn(12, groups, 3, generator=generator, dtype=torch.float64), -1)
-    up = torch.randn(3, 16, 4, generator=generator, dtype=torch.float64)
-    torch.testing.assert_close(bench.reference_loop_mix(code, weights, up), routed_expert_mix_loop(code, weights, up))
 
 
 def _tiny_model():
@@ -38,21 +28,6 @@ def test_whole_step_agrees_between_fused_and_loop(method):
     agreement = bench.check_step_agreement(model, params, bench.make_batch(model, bench.QUICK, torch.device("cpu")))
     assert agreement["loss_rel_diff"] < 1e-5
     assert agreement["grad_rel_diff"] < 1e-4
-
-
-def test_detach_adapters_restores_the_base_model():
-    model = _tiny_model().eval()
-    ids = torch.randint(3, 200, (2, 8))
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-        bench.attach(model, "mtlora", bench.QUICK)
-        with_adapters = model(input_ids=ids).logits
-        bench.detach_adapters(model)
-        after = model(input_ids=ids).logits
-    assert not torch.allclose(before, with_adapters)  # random experts: the adapters did change the output
-    torch.testing.assert_close(before, after)
-    assert not adapter_modules(model)
-    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_quick_run_end_to_end(tmp_path):

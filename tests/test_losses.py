@@ -28,7 +28,7 @@ def test_balance_loss_reaches_the_router_through_gradient_checkpointing():
     loss = balance_loss(model)
     assert loss is not None and loss.item() > 0
     loss.backward()
-    assert all(a.router.weight.grad is not None and a.router.weight.grad.abs().sum() > 0 for a in routed_adapters(model))
+    assert all(a.router.weight.grad is not None and a.router.weight.grad.abs().sum() > 0 for a in routed_adapters(model).values())
 
 
 def test_spectral_penalties_are_zero_for_orthogonal_equal_norm_columns():
@@ -72,6 +72,6 @@ def test_checkpoint_recompute_does_not_replace_the_recorded_routing():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     loss = model(TOKENS, labels=TOKENS).loss
-    recorded = [a.routing_mean for a in routed_adapters(model)]
+    recorded = [a.routing_mean for a in routed_adapters(model).values()]
     (loss + balance_loss(model)).backward()
-    assert all(a.routing_mean is r for a, r in zip(routed_adapters(model), recorded))
+    assert all(a.routing_mean is r for a, r in zip(routed_adapters(model).values(), recorded))
