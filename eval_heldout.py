@@ -9,7 +9,8 @@ import argparse
 import sys
 
 from mtlora.evaluation.cli import add_model_args, add_run_args, check_positive, load_for_eval, model_metadata
-from mtlora.evaluation.heldout import evaluate_heldout, heldout_markdown, load_records
+from mtlora.evaluation.heldout import evaluate_heldout, heldout_markdown
+from mtlora.training_data import read_instruction_records
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        records = load_records(args.eval_file)  # fail on a bad file before loading the model
+        records = read_instruction_records(args.eval_file, "--eval_file")  # fail on a bad file before loading the model
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     model, tokenizer = load_for_eval(args)

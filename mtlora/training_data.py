@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from mtlora.prompts import build_training_prompt
+from mtlora.prompts import encode_prompt
 
 IGNORE_INDEX = -100
 REQUIRED_TEXT_FIELDS = ("instruction", "output")
@@ -28,7 +28,11 @@ class DataFormatError(ValueError):
 
 def _raw_records(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed value) pairs from a JSON list or a JSONL file."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if text.lstrip().startswith("["):
         try:
             values = json.loads(text)
@@ -58,15 +62,21 @@ def _check_record(path: Path, line_number: int, record: object) -> dict:
             raise DataFormatError(f"{where}: field {name!r} must be a string when present")
     if not record["output"].strip():
         raise DataFormatError(f"{where}: field 'output' is empty: nothing to train on")
-    return {"instruction": record["instruction"], "input": record.get("input") or "",
-            "output": record["output"], "task_type": record.get("task_type") or "default"}
+    references = record.get("references")
+    if references is not None and not (isinstance(references, list) and all(isinstance(r, str) for r in references)):
+        raise DataFormatError(f"{where}: field 'references' must be a list of strings when present")
+    # Other fields (e.g. a record's accepted ``references``) are kept for the evaluators.
+    return {**record, "input": record.get("input") or "", "task_type": record.get("task_type") or "default"}
 
 
-def read_instruction_records(path: str | Path) -> list[dict]:
-    """Read and validate every record; raises :class:`DataFormatError` naming file and line."""
+def read_instruction_records(path: str | Path, flag: str = "--data_path") -> list[dict]:
+    """Read and validate every record of a JSON list or JSONL file (training and held-out evaluation alike).
+
+    Raises :class:`DataFormatError` naming the file and line, or ``FileNotFoundError`` naming ``flag``.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data_path {path}: no such file")
+        raise FileNotFoundError(f"{flag} {path}: no such file")
     records = [_check_record(path, n, r) for n, r in _raw_records(path)]
     if not records:
         raise DataFormatError(f"{path}: no records")
@@ -79,9 +89,7 @@ def tokenize_record(record: dict, tokenizer, max_seq_length: int) -> tuple[dict,
     Over-long examples keep their response (up to half the budget when the prompt is long) and
     lose the start of the prompt, so every example keeps tokens to learn from.
     """
-    prompt = build_training_prompt(record["instruction"], record["input"])
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = bos + tokenizer.encode(prompt, add_special_tokens=False) + [tokenizer.eos_token_id]
+    prompt_ids = encode_prompt(tokenizer, record)
     response_ids = tokenizer.encode(record["output"], add_special_tokens=False) + [tokenizer.eos_token_id]
     truncated = len(prompt_ids) + len(response_ids) > max_seq_length
     if truncated:

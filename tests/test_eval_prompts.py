@@ -7,10 +7,11 @@ import json
 import pytest
 
 from mtlora.evaluation.bbh import _task_prompts, build_bbh_prompt, load_bbh_task, resolve_tasks
-from mtlora.evaluation.heldout import encode_record, limit_per_task
+from mtlora.evaluation.heldout import limit_per_task
 from mtlora.evaluation.mmlu import (build_mmlu_prompt, fit_prompt, format_header, letter_token_ids, load_mmlu_csv,
                                     resolve_subjects)
-from mtlora.prompts import build_training_prompt
+from mtlora.prompts import build_training_prompt, encode_prompt
+from mtlora.training_data import DataFormatError, read_instruction_records, tokenize_record
 from tests.helpers import write_bbh_folder, write_mmlu_folder
 
 
@@ -139,7 +140,27 @@ def test_training_prompt_and_heldout_encoding():
     assert build_training_prompt("Translate.", "bonjour") == "Translate.\nbonjour"
     assert build_training_prompt("Say hi.", "") == "Say hi."
     record = {"instruction": "Hi", "input": "x", "output": "o", "task_type": "t"}
-    assert encode_record(CharTokenizer(), record) == [1, ord("H"), ord("i"), ord("\n"), ord("x"), 2]
+    assert encode_prompt(CharTokenizer(), record) == [1, ord("H"), ord("i"), ord("\n"), ord("x"), 2]
+    example, _ = tokenize_record(record, CharTokenizer(), max_seq_length=64)  # training sees the same prompt ids
+    assert example["input_ids"][:6] == encode_prompt(CharTokenizer(), record)
+    assert example["labels"][:6] == [-100] * 6 and example["input_ids"][6:] == [ord("o"), 2]
+
+
+def test_one_record_reader_keeps_references_and_names_file_and_line(tmp_path):
+    good = tmp_path / "eval.jsonl"
+    good.write_text(json.dumps({"instruction": "a", "output": "b", "task_type": "t", "references": ["b", "B"]}) + "\n")
+    assert read_instruction_records(good)[0] == {"instruction": "a", "input": "", "output": "b", "task_type": "t",
+                                                  "references": ["b", "B"]}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"instruction": "a", "output": "b"}) + "\n" for _ in range(3)) + "{oops\n")
+    with pytest.raises(DataFormatError, match=f"{bad}:4: invalid JSON"):
+        read_instruction_records(bad, "--eval_file")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"instruction": "a", "output": "b"}).encode() + b"\n" + b'{"instruction": "caf\xe9"}\n')
+    with pytest.raises(DataFormatError, match=f"{latin}:2: not UTF-8 text"):
+        read_instruction_records(latin)
+    with pytest.raises(FileNotFoundError, match="--eval_file .*missing.jsonl: no such file"):
+        read_instruction_records(tmp_path / "missing.jsonl", "--eval_file")
 
 
 def test_heldout_limit_is_per_task_in_file_order():

@@ -15,8 +15,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mtlora.evaluation.answers import exact_match, extract_answer, infer_answer_kind, lenient_match
 from mtlora.evaluation.batching import generate_batched, truncate_left
-from mtlora.evaluation.cli import select_requested
 from mtlora.evaluation.reporting import markdown_table, mean, write_results
+from mtlora.evaluation.selection import select_requested
 
 NUM_EXEMPLARS = 3
 BBH_TASKS = (

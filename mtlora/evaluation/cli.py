@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,15 +53,3 @@ def model_metadata(args: argparse.Namespace) -> dict:
 
     return {"model": describe_model(args.model_name_or_path), "lora_checkpoint": args.lora_checkpoint,
             "dtype": args.dtype}
-
-
-def select_requested(requested: Sequence[str] | None, present: list[str], flag: str, data_dir: str | Path) -> list[str]:
-    """The requested names in order without repeats (all of ``present`` when none); unknown names raise,
-    listing the valid ones."""
-    if not requested:
-        return present
-    unknown = [name for name in requested if name not in present]
-    if unknown:
-        raise ValueError(f"{flag}: unknown {unknown}; available in {data_dir}: {', '.join(present)}")
-    return list(dict.fromkeys(requested))
-

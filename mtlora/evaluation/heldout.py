@@ -1,6 +1,7 @@
 """Held-out accuracy on instruction records (e.g. ``eval.jsonl`` of ``data/prepare.py bigbench``).
 
-Each record is fed in the training format, ``{bos}{instruction[\\ninput]}{eos}``, the answer is
+Records are read by the training reader (``mtlora.training_data.read_instruction_records``) and fed
+in the training format by the training encoder (``mtlora.prompts.encode_prompt``); the answer is
 generated greedily up to EOS, and scored two ways: ``exact`` (normalised generation equals the
 normalised ``output``) and ``lenient`` (the normalised ``output`` occurs in the normalised
 generation); a record's optional ``references`` list adds other acceptable answers.
@@ -9,7 +10,6 @@ Accuracies per ``task_type`` and their unweighted average over tasks.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,35 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mtlora.evaluation.answers import exact_match, normalize
 from mtlora.evaluation.batching import generate_batched, truncate_left
 from mtlora.evaluation.reporting import markdown_table, mean, write_json
-from mtlora.prompts import build_training_prompt
-
-RECORD_FIELDS = ("instruction", "input", "output", "task_type")
-
-
-def load_records(path: str | Path) -> list[dict]:
-    """Instruction records from a JSONL file; every line must carry the four record fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--eval_file {path}: no such file (e.g. data/processed/bigbench25/eval.jsonl)")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        missing = [f for f in RECORD_FIELDS if f not in record]
-        if missing:
-            raise ValueError(f"{path}, line {number}: record lacks {missing}")
-        records.append(record)
-    return records
-
-
-def encode_record(tokenizer: PreTrainedTokenizerBase, record: dict) -> list[int]:
-    """Token ids of ``{bos}{prompt}{eos}``, built token by token exactly as training builds its prompt part
-    (``mtlora.training_data.tokenize_record``), so the model sees the same ids before its response."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt = build_training_prompt(record["instruction"], record["input"])
-    return bos + tokenizer.encode(prompt, add_special_tokens=False) + [tokenizer.eos_token_id]
-
+from mtlora.prompts import encode_prompt
 
 def references(record: dict) -> list[str]:
     """Acceptable answers: the optional ``references`` list (several valid targets), else ``output``."""
@@ -78,7 +50,7 @@ def evaluate_heldout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     model.eval()
     records = limit_per_task(records, limit)
     budget = (max_length or model.config.max_position_embeddings) - max_new_tokens
-    prompts = [truncate_left(encode_record(tokenizer, r), budget, keep_first=tokenizer.bos_token_id)
+    prompts = [truncate_left(encode_prompt(tokenizer, r), budget, keep_first=tokenizer.bos_token_id)
                for r in records]
     generations = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, desc="held-out")
     predictions = [{"task_type": r["task_type"], "output": r["output"], "generation": g,

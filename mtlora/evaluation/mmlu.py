@@ -23,8 +23,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mtlora.evaluation.answers import argmax_letter, score_generated_letter
 from mtlora.evaluation.batching import next_token_scores, truncate_left
-from mtlora.evaluation.cli import select_requested
 from mtlora.evaluation.reporting import markdown_table, mean, write_results
+from mtlora.evaluation.selection import select_requested
 
 LETTERS = "ABCD"
 NUM_SHOTS = 5

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from mtlora.evaluation.bbh import run_bbh
-from mtlora.evaluation.heldout import evaluate_heldout, load_records
+from mtlora.evaluation.heldout import evaluate_heldout
 from mtlora.evaluation.mmlu import run_mmlu
 from mtlora.loading import load_model_for_eval
+from mtlora.training_data import read_instruction_records
 
 SUITES = ("heldout", "bbh", "mmlu")
 # Held-out prompts are cut (from the left) to this many tokens: training saw at most 512 per sequence,
@@ -43,7 +44,7 @@ def evaluate_run(run_dir: str | Path, suites: list[str], model_name_or_path: str
     for suite in todo:
         out = suite_dir(run_dir, suite)
         if suite == "heldout":
-            evaluate_heldout(model, tokenizer, load_records(data["heldout"]), batch_size=batch_size, max_new_tokens=32,
+            evaluate_heldout(model, tokenizer, read_instruction_records(data["heldout"], "--heldout_data"), batch_size=batch_size, max_new_tokens=32,
                              limit=limits.get("heldout"), max_length=HELDOUT_MAX_LENGTH, output_dir=out,
                              metadata=metadata)
         elif suite == "bbh":

@@ -20,7 +20,6 @@ import torch
 from tqdm import tqdm
 
 from mtlora.checkpoint import is_adapter_checkpoint
-from mtlora.evaluation.heldout import load_records
 from mtlora.evaluation.reporting import markdown_table
 from mtlora.experiments.evaluate import pending_suites, suite_dir
 from mtlora.experiments.registry import SCALES, TABLES, Row, Scale, Table, Track
@@ -227,7 +226,7 @@ def task_count_tracks(scale: Scale, settings: RunSettings) -> list[Track]:
     """Training sets restricted to the first N tasks of the multi-task pool, for N in the scale's task counts."""
     base = scale.tracks[0]
     train = read_instruction_records(base.train_data)
-    heldout = load_records(base.heldout_data)  # keeps extra fields such as a record's accepted references
+    heldout = read_instruction_records(base.heldout_data)  # keeps extra fields such as accepted references
     tasks = sorted({r["task_type"] for r in train})
     tracks = []
     for count in scale.task_counts:

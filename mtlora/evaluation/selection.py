@@ -1,0 +1,18 @@
+"""Which BBH tasks or MMLU subjects to evaluate: the requested ones, checked against the data folder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def select_requested(requested: Sequence[str] | None, present: list[str], flag: str, data_dir: str | Path) -> list[str]:
+    """The requested names in order without repeats (all of ``present`` when none); unknown names raise,
+    listing the valid ones."""
+    if not requested:
+        return present
+    unknown = [name for name in requested if name not in present]
+    if unknown:
+        raise ValueError(f"{flag}: unknown {unknown}; available in {data_dir}: {', '.join(present)}")
+    return list(dict.fromkeys(requested))
+
