@@ -45,7 +45,7 @@ def main(argv=None) -> None:
         "routing_patterns": ["--checkpoint", runs["mtlora"]] + common,
     }
     for name, flags in commands.items():
-        command = [sys.executable, str(REPO / "analysis" / f"{name}.py"), "--output_dir", str(figures / name)] + flags
+        command = [sys.executable, "-m", f"analysis.{name}", "--output_dir", str(figures / name)] + flags
         print("$", " ".join(command), flush=True)
         subprocess.run(command, cwd=REPO, check=True)
 

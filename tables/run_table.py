@@ -7,16 +7,13 @@ Rows already trained or evaluated are skipped; an interrupted training resumes f
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mtlora.evaluation.cli import default_data_dir  # noqa: E402
-from mtlora.experiments.registry import SCALES, TABLES  # noqa: E402
-from mtlora.experiments.runner import RunSettings, run_table  # noqa: E402
+from mtlora.evaluation.cli import default_data_dir
+from mtlora.experiments.registry import SCALES, TABLES
+from mtlora.experiments.runner import RunSettings, run_table
 
 
 def main(argv=None) -> None:
