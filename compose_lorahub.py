@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from mtlora.checkpoint import save_adapter
+from mtlora.errors import MissingInput, UsageError
 from mtlora.evaluation.bbh import resolve_tasks
 from mtlora.loading import DTYPES, load_base_model, load_tokenizer
 from mtlora.lorahub import (DEFAULT_BUDGET, L1_ALPHA, WEIGHT_BOUND, bbh_exemplar_examples, compose_lora_modules,
@@ -61,7 +62,7 @@ def _few_shot(args: argparse.Namespace, tokenizer) -> tuple[list[dict], dict]:
     """(tokenized examples, description for the summary)."""
     if args.fewshot_path:
         if not Path(args.fewshot_path).is_file():
-            raise FileNotFoundError(f"--fewshot_path {args.fewshot_path}: no such file")
+            raise MissingInput(f"--fewshot_path {args.fewshot_path}: no such file")
         records = read_instruction_records(args.fewshot_path)
         return (records_to_examples(records, tokenizer, args.max_seq_length),
                 {"fewshot_path": args.fewshot_path, "format": "training: <bos>instruction[\\ninput]<eos>output<eos>"})
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         summary = run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except UsageError as err:
         sys.exit(f"error: {err}")
     print(f"weights: {[round(w, 4) for w in summary['weights']]}")
     print(f"loss {summary['loss_at_zero_weights']:.4f} (w = 0) -> {summary['best_loss']:.4f}; "

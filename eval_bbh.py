@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from mtlora.evaluation.bbh import bbh_markdown, resolve_tasks, run_bbh
+from mtlora.errors import UsageError
 from mtlora.evaluation.cli import add_model_args, add_run_args, check_positive, default_data_dir, load_for_eval, model_metadata
 
 
@@ -25,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_positive(parser, args, "batch_size", "limit", "max_new_tokens", "max_length")
     try:  # check the data before spending time on loading the model
         args.tasks = resolve_tasks(args.data_dir, args.tasks)
-    except (FileNotFoundError, ValueError) as error:
+    except UsageError as error:
         parser.error(str(error))
     return args
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mtlora.errors import UsageError
 from mtlora.evaluation.cli import add_model_args, add_run_args, check_positive, load_for_eval, model_metadata
 from mtlora.evaluation.heldout import evaluate_heldout, heldout_markdown
 from mtlora.training_data import read_instruction_records
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         records = read_instruction_records(args.eval_file, "--eval_file")  # fail on a bad file before loading the model
-    except (FileNotFoundError, ValueError) as error:
+    except UsageError as error:
         sys.exit(f"error: {error}")
     model, tokenizer = load_for_eval(args)
     summary = evaluate_heldout(model, tokenizer, records, batch_size=args.batch_size,

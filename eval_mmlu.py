@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mtlora.errors import UsageError
 from mtlora.evaluation.cli import add_model_args, add_run_args, check_positive, default_data_dir, load_for_eval, model_metadata
 from mtlora.evaluation.mmlu import HEADER_PRESETS, NUM_SHOTS, mmlu_markdown, resolve_subjects, run_mmlu
 
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_shots must be >= 0, got {args.num_shots}")
     try:  # check the data before spending time on loading the model
         args.subjects = resolve_subjects(args.data_dir, args.subjects)
-    except (FileNotFoundError, ValueError) as error:
+    except UsageError as error:
         parser.error(str(error))
     return args
 

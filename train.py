@@ -16,10 +16,10 @@ import sys
 from transformers import HfArgumentParser
 
 from mtlora.arguments import AdapterTrainingArguments, DataArguments, ModelArguments
-from mtlora.config import AdapterConfig, AdapterConfigError
+from mtlora.config import AdapterConfig
+from mtlora.errors import UsageError
 from mtlora.losses import AuxiliaryLosses
 from mtlora.training import count_only, run_training
-from mtlora.training_data import DataFormatError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
             count_only(model_args, adapter_config)
         else:
             run_training(model_args, data_args, adapter_config, aux_losses, training_args)
-    except (AdapterConfigError, DataFormatError, FileNotFoundError, ValueError) as err:
+    except UsageError as err:
         sys.exit(f"error: {err}")
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm  # noqa: E402
 from mtlora.adapters import RoutedLowRankAdapter  # noqa: E402
 from mtlora.checkpoint import ADAPTER_WEIGHTS, read_adapter_config  # noqa: E402
 from mtlora.config import AdapterConfig  # noqa: E402
+from mtlora.errors import InvalidInput
 from mtlora.injection import routed_adapters, set_task_ids  # noqa: E402
 from mtlora.loading import DTYPES, load_model_for_eval  # noqa: E402
 from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records  # noqa: E402
@@ -62,11 +63,11 @@ def parse_labelled_paths(items: list[str], flag: str = "--checkpoints") -> list[
         if not sep:
             label, path = Path(item).name, item
         if not label or not path:
-            raise ValueError(f"{flag}: expected label=path, got {item!r}")
+            raise InvalidInput(f"{flag}: expected label=path, got {item!r}")
         pairs.append((label, path))
     labels = [label for label, _ in pairs]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"{flag}: labels must be unique, got {labels}")
+        raise InvalidInput(f"{flag}: labels must be unique, got {labels}")
     return pairs
 
 
@@ -102,7 +103,7 @@ def read_adapter_factors(checkpoint: str | Path) -> tuple[AdapterConfig, dict[st
             a = tensors[f"{name}.lora_A"]
             factors[name] = (a if a.dim() == 3 else a.unsqueeze(0), b)
     if not factors:
-        raise ValueError(f"--checkpoints {checkpoint}: no lora_A/lora_B tensors in {ADAPTER_WEIGHTS}")
+        raise InvalidInput(f"--checkpoints {checkpoint}: no lora_A/lora_B tensors in {ADAPTER_WEIGHTS}")
     return config, factors
 
 
@@ -112,12 +113,12 @@ def sample_records_by_task(data_path: str | Path, samples_per_task: int, seed: i
                            min_tasks: int = 1) -> dict[str, list[dict]]:
     """Task -> a seeded random sample of at most ``samples_per_task`` records, tasks in sorted order."""
     if samples_per_task < 1:
-        raise ValueError(f"--samples_per_task must be >= 1, got {samples_per_task}")
+        raise InvalidInput(f"--samples_per_task must be >= 1, got {samples_per_task}")
     by_task: dict[str, list[dict]] = {}
     for record in read_instruction_records(data_path):
         by_task.setdefault(record["task_type"], []).append(record)
     if len(by_task) < min_tasks:
-        raise ValueError(f"--data_path {data_path}: needs records of at least {min_tasks} task_type values, "
+        raise InvalidInput(f"--data_path {data_path}: needs records of at least {min_tasks} task_type values, "
                          f"found {sorted(by_task)}")
     rng = random.Random(seed)
     return {task: rng.sample(records, min(samples_per_task, len(records))) for task, records in sorted(by_task.items())}
@@ -130,7 +131,7 @@ def task_batches(records_by_task: dict[str, list[dict]], tokenizer, config: Adap
     Task ids follow the checkpoint's own task names so MMoELoRA's gate sees the ids it was trained with.
     """
     if batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+        raise InvalidInput(f"--batch_size must be >= 1, got {batch_size}")
     collate = PaddingCollator(tokenizer.pad_token_id)
     batches = {}
     for task, records in records_by_task.items():
@@ -181,7 +182,7 @@ def capture_routing(model: nn.Module, stats: RoutingStats):
     (a flat bool tensor over batch*sequence, set before each forward) are added to ``stats``."""
     adapters = routed_adapters(model)
     if not adapters:
-        raise ValueError("the checkpoint has no routed adapters (plain --method lora or mmoelora has no token router)")
+        raise InvalidInput("the checkpoint has no routed adapters (plain --method lora or mmoelora has no token router)")
     state = {"mask": None}
 
     def hook(name):

@@ -36,6 +36,7 @@ from transformers import HfArgumentParser
 from analysis.common import (add_data_arguments, add_model_arguments, block_index, integer_ticks, load_checkpoint,
                              model_inputs, parse_labelled_paths, sample_records_by_task, task_batches, write_outputs)
 from mtlora.config import AdapterConfig
+from mtlora.errors import InvalidInput, UsageError
 from mtlora.injection import attach_adapters
 from mtlora.loading import DTYPES, load_base_model, load_tokenizer
 from mtlora.training_data import IGNORE_INDEX
@@ -82,7 +83,7 @@ def layer_cosines(gradients: dict[str, dict]) -> dict[int, np.ndarray]:
         norms = vectors.norm(dim=1)
         if (norms == 0).any():
             zero = [t for t, n in zip(tasks, norms) if n == 0]
-            raise ValueError(f"block {block}: zero adapter gradient for task(s) {zero} (all-zero B at "
+            raise InvalidInput(f"block {block}: zero adapter gradient for task(s) {zero} (all-zero B at "
                              "initialisation? use fresh adapters with --init_noise > 0)")
         unit = vectors / norms[:, None]
         result[block] = (unit @ unit.t()).numpy()
@@ -107,7 +108,7 @@ def conflict_summary(cosines: dict[int, np.ndarray]) -> dict:
 def fresh_configs(base: AdapterConfig, block_adapter_type: str = "ffn") -> dict[str, AdapterConfig]:
     """The component-level config ``base`` and its block-level twin (same method, rank, experts)."""
     if not base.supports_block_level:
-        raise ValueError(f"--method {base.method}: fresh adapters are compared at component and block level, "
+        raise InvalidInput(f"--method {base.method}: fresh adapters are compared at component and block level, "
                          "which needs --method hydralora or mtlora (or pass --checkpoints)")
     component = dataclasses.replace(base, enable_block_adapter=False)
     block = dataclasses.replace(base, enable_block_adapter=True, block_adapter_type=block_adapter_type)
@@ -166,7 +167,7 @@ def gradient_conflict(data_path: str, output_dir: str, checkpoints: list[tuple[s
                       baseline_label: str = "component", compare_label: str = "block") -> dict:
     """Per-task gradient cosines of labelled checkpoints, or of fresh component/block adapters from ``fresh``."""
     if bool(checkpoints) == (fresh is not None):
-        raise ValueError("give either --checkpoints or the method flags for fresh adapters, not both")
+        raise InvalidInput("give either --checkpoints or the method flags for fresh adapters, not both")
     configs = checkpoints or list(fresh_configs(fresh, block_adapter_type).items())
     records = sample_records_by_task(data_path, samples_per_task, seed, min_tasks=2)
     results = {}
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             None if args.checkpoints else fresh, fresh.block_adapter_type, args.init_noise, args.model_name_or_path, args.samples_per_task,
             args.batch_size, args.max_seq_length, args.seed, args.device, args.dtype, args.baseline_label,
             args.compare_label)
-    except (ValueError, FileNotFoundError) as err:
+    except UsageError as err:
         sys.exit(f"error: {err}")
     for label, result in data["configurations"].items():
         print(f"{label}: mean cosine {result['mean_cosine']:.3f}, negative pairs {result['negative_fraction']:.2f}, "

@@ -19,6 +19,7 @@ import numpy as np
 from analysis.common import (add_data_arguments, add_model_arguments, block_index, integer_ticks, load_checkpoint,
                              max_entropy, parse_labelled_paths, routing_stats_by_task, sample_records_by_task,
                              task_batches, write_outputs)
+from mtlora.errors import UsageError
 
 NAME = "routing_entropy"
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         data = routing_entropy(parse_labelled_paths(args.checkpoints), args.data_path, args.output_dir,
                                args.model_name_or_path, args.samples_per_task, args.batch_size, args.max_seq_length,
                                args.seed, args.device, args.dtype)
-    except (ValueError, FileNotFoundError) as err:
+    except UsageError as err:
         sys.exit(f"error: {err}")
     for label, result in data["checkpoints"].items():
         print(f"{label}: entropy {result['mean_entropy']:.4f} nats ({result['normalised_entropy']:.3f} of log E)")

@@ -18,6 +18,7 @@ import numpy as np
 
 from analysis.common import (add_data_arguments, add_model_arguments, block_index, load_checkpoint,
                              routing_stats_by_task, sample_records_by_task, task_batches, write_outputs)
+from mtlora.errors import InvalidInput, UsageError
 from mtlora.injection import routed_adapters
 
 NAME = "routing_patterns"
@@ -32,12 +33,12 @@ def resolve_layers(adapter_names: list[str], layers: list[int] | None) -> list[i
     """The requested blocks (default: first/middle/last adapted block); raises naming --layers if not adapted."""
     blocks = sorted({block_index(n) for n in adapter_names})
     if not blocks:
-        raise ValueError("the checkpoint has no routed adapters (plain --method lora or mmoelora has no token router)")
+        raise InvalidInput("the checkpoint has no routed adapters (plain --method lora or mmoelora has no token router)")
     if layers is None:
         return default_layers(blocks)
     unknown = [layer for layer in layers if layer not in blocks]
     if unknown:
-        raise ValueError(f"--layers {unknown}: not adapted blocks; adapted blocks are {blocks[0]}..{blocks[-1]}")
+        raise InvalidInput(f"--layers {unknown}: not adapted blocks; adapted blocks are {blocks[0]}..{blocks[-1]}")
     return list(dict.fromkeys(layers))
 
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         data = routing_patterns(args.checkpoint, args.data_path, args.output_dir, args.layers, args.model_name_or_path,
                                 args.samples_per_task, args.batch_size, args.max_seq_length, args.seed, args.device,
                                 args.dtype)
-    except (ValueError, FileNotFoundError) as err:
+    except UsageError as err:
         sys.exit(f"error: {err}")
     for task, row in zip(data["tasks"], data["average"]):
         print(f"{task}: " + " ".join(f"{w:.3f}" for w in row))

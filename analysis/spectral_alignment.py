@@ -28,6 +28,8 @@ import torch
 
 from analysis.common import block_index, integer_ticks, parse_labelled_paths, read_adapter_factors, write_outputs
 
+from mtlora.errors import InvalidInput, UsageError
+
 NAME = "spectral_alignment"
 
 
@@ -75,11 +77,11 @@ def checkpoint_spectra(checkpoint: str, top_k: int = 4) -> dict:
     """All spectral numbers of one checkpoint (see the module docstring)."""
     config, factors = read_adapter_factors(checkpoint)
     if config.uses_block_adapter and config.block_adapter_style != "lowrank":
-        raise ValueError(f"--checkpoints {checkpoint}: block_adapter_style {config.block_adapter_style!r} puts a ReLU "
+        raise InvalidInput(f"--checkpoints {checkpoint}: block_adapter_style {config.block_adapter_style!r} puts a ReLU "
                          "between A and B, so B_i A is not the update; only lowrank adapters can be analysed")
     rank = next(iter(factors.values()))[1].shape[-1]
     if not 1 <= top_k <= rank:
-        raise ValueError(f"--top_k must be between 1 and the adapter rank {rank}, got {top_k}")
+        raise InvalidInput(f"--top_k must be between 1 and the adapter rank {rank}, got {top_k}")
     per_adapter = {name: adapter_spectra(a, b, top_k) for name, (a, b) in factors.items()}
     blocks: dict[int, list[dict]] = {}
     for name, result in per_adapter.items():
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         data = spectral_alignment(parse_labelled_paths(args.checkpoints), args.output_dir, args.top_k)
-    except (ValueError, FileNotFoundError) as err:
+    except UsageError as err:
         sys.exit(f"error: {err}")
     for label, r in data["checkpoints"].items():
         print(f"{label}: top-{r['top_k']} alignment {r['top_k_alignment']}, bottom {r['bottom_k_alignment']}, "

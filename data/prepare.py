@@ -22,7 +22,7 @@ from pathlib import Path
 from data.benchmarks import prepare_bbh, prepare_mmlu
 from data.bigbench import prepare_bigbench
 from data.instructions import prepare_dolly, prepare_flan
-from data.sources import DataSourceError
+from mtlora.errors import UsageError
 
 DEFAULT_ROOT = Path(__file__).resolve().parent / "processed"
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         summary = run(args)
-    except DataSourceError as error:
+    except UsageError as error:  # DataSourceError and the readers' errors name the file or flag
         print(f"error: {error}", file=sys.stderr)
         return 2
     counts = {k: v for k, v in summary.items() if k != "excluded_bbh_source_tasks"}

@@ -8,10 +8,12 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from mtlora.errors import UsageError
+
 HUB_HOST = "huggingface.co"
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(UsageError):
     """A data source is missing or malformed; the message names the flag or file to fix."""
 
 

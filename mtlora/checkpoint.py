@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtlora.config import AdapterConfig
+from mtlora.errors import InvalidInput, MissingInput
 from mtlora.injection import adapter_modules, adapter_state_dict
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,7 +49,7 @@ def read_adapter_config(checkpoint_dir: str | Path, flag: str = "--lora_checkpoi
     """The config saved with a checkpoint; a clear error naming ``flag`` when the folder is not one."""
     checkpoint_dir = Path(checkpoint_dir)
     if not is_adapter_checkpoint(checkpoint_dir):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{flag} {checkpoint_dir}: expected a folder with {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} "
             "(written by train.py)"
         )
@@ -62,7 +63,7 @@ def load_adapter_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     wrong_shape = [k for k in set(expected) & set(saved) if expected[k].shape != saved[k].shape]
     if missing or unexpected or wrong_shape:
-        raise ValueError(
+        raise InvalidInput(
             f"adapter checkpoint {checkpoint_dir} does not match the model: missing {missing[:5]} "
             f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape {wrong_shape[:5]}"
         )
@@ -75,7 +76,7 @@ def export_peft_lora(model: nn.Module, config: AdapterConfig, output_dir: str | 
                      base_model_name_or_path: str | None = None) -> Path:
     """Write a ``--method lora`` adapter as a standard PEFT LoRA adapter (loadable by ``PeftModel``)."""
     if config.method != "lora":
-        raise ValueError(f"only --method lora adapters have a PEFT equivalent, not {config.method}")
+        raise InvalidInput(f"only --method lora adapters have a PEFT equivalent, not {config.method}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}

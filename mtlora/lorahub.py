@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from mtlora.checkpoint import ADAPTER_WEIGHTS, read_adapter_config
 from mtlora.config import AdapterConfig
+from mtlora.errors import InvalidInput
 from mtlora.evaluation.batching import truncate_left
 from mtlora.evaluation.bbh import NUM_EXEMPLARS, available_tasks, build_bbh_prompt, load_bbh_task
 from mtlora.injection import adapter_modules, adapter_state_dict, attach_adapters
@@ -104,7 +105,7 @@ def minimize_cma(objective: Callable[[np.ndarray], float], x0: Sequence[float], 
     of the box width (0.5 for [-1.5, 1.5]). A last, incomplete generation is evaluated but not told.
     """
     if budget < 1:
-        raise ValueError(f"--budget must be >= 1, got {budget}")
+        raise InvalidInput(f"--budget must be >= 1, got {budget}")
     x0 = np.clip(np.asarray(x0, dtype=float), *bounds)
     history = [(x0, float(objective(x0)))]
     strategy = BoundedCMAES(x0, sigma0 or (bounds[1] - bounds[0]) / 6, bounds, seed)
@@ -159,16 +160,16 @@ def bbh_exemplar_examples(data_dir: str | Path, tokenizer, tasks: Sequence[str] 
 def check_lora_configs(checkpoints: Sequence[str | Path]) -> AdapterConfig:
     """The shared config of K ``--method lora`` checkpoints; raises naming the first one that differs."""
     if not checkpoints:
-        raise ValueError("--lora_checkpoints: give at least one checkpoint")
+        raise InvalidInput("--lora_checkpoints: give at least one checkpoint")
     configs = [read_adapter_config(path) for path in checkpoints]
     reference = {k: v for k, v in configs[0].to_dict().items() if k not in DATA_FIELDS}
     for path, config in zip(checkpoints, configs):
         if config.method != "lora":
-            raise ValueError(f"--lora_checkpoints {path}: LoRAHub composes --method lora adapters, got {config.method}")
+            raise InvalidInput(f"--lora_checkpoints {path}: LoRAHub composes --method lora adapters, got {config.method}")
         fields = {k: v for k, v in config.to_dict().items() if k not in DATA_FIELDS}
         if fields != reference:
             diff = sorted(k for k in fields if fields[k] != reference[k])
-            raise ValueError(f"--lora_checkpoints {path}: adapter config differs from {checkpoints[0]} in {diff}")
+            raise InvalidInput(f"--lora_checkpoints {path}: adapter config differs from {checkpoints[0]} in {diff}")
     return dataclasses.replace(configs[0])  # task_names (init=False) is left empty
 
 
@@ -182,7 +183,7 @@ def _check_module_keys(model: nn.Module, checkpoints: Sequence, modules: Sequenc
     expected = {k: v.shape for k, v in adapter_state_dict(model).items()}
     for path, module in zip(checkpoints, modules):
         if {k: v.shape for k, v in module.items()} != expected:
-            raise ValueError(f"--lora_checkpoints {path}: its tensors do not match the model's adapters "
+            raise InvalidInput(f"--lora_checkpoints {path}: its tensors do not match the model's adapters "
                              "(different base model or targets?)")
 
 
@@ -219,7 +220,7 @@ def compose_lora_modules(model: nn.Module, checkpoints: Sequence[str | Path], ex
     ``trace`` (if given) as {"weights", "loss", "objective"}. Returns (weights, adapter config).
     """
     if not examples:
-        raise ValueError("no few-shot examples to compose on")
+        raise InvalidInput("no few-shot examples to compose on")
     config, modules = read_lora_modules(checkpoints)
     if not adapter_modules(model):
         attach_adapters(model, config)

@@ -14,6 +14,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from mtlora.arguments import AdapterTrainingArguments, DataArguments, ModelArguments
 from mtlora.checkpoint import save_adapter
 from mtlora.config import AdapterConfig
+from mtlora.errors import InvalidInput, MissingInput
 from mtlora.injection import attach_adapters, find_decoder_layers
 from mtlora.loading import build_meta_model, load_base_model, load_tokenizer
 from mtlora.losses import AuxiliaryLosses
@@ -43,7 +44,7 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
     """``last`` (or ``true``) means the newest checkpoint in --output_dir, if there is one."""
     if resume_from_checkpoint is None or resume_from_checkpoint.lower() not in ("last", "true"):
         if resume_from_checkpoint and not Path(resume_from_checkpoint).is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
+            raise MissingInput(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
         return resume_from_checkpoint
     return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
 
@@ -55,7 +56,7 @@ def deepspeed_zero_stage(training_args: AdapterTrainingArguments) -> int | None:
         return None
     if isinstance(config, str):
         if not Path(config).is_file():
-            raise FileNotFoundError(f"--deepspeed {config}: no such file")
+            raise MissingInput(f"--deepspeed {config}: no such file")
         config = json.loads(Path(config).read_text())
     return config.get("zero_optimization", {}).get("stage", 0)
 
@@ -63,7 +64,7 @@ def deepspeed_zero_stage(training_args: AdapterTrainingArguments) -> int | None:
 def check_distributed_support(aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments) -> None:
     """Spectral regularisation reads whole expert matrices, which ZeRO-3 partitions across ranks."""
     if aux_losses.enable_spectral_reg and deepspeed_zero_stage(training_args) == 3:
-        raise ValueError("--enable_spectral_reg needs every expert matrix whole on each rank, which ZeRO-3 "
+        raise InvalidInput("--enable_spectral_reg needs every expert matrix whole on each rank, which ZeRO-3 "
                          "partitions: use --deepspeed configs/ds_zero2.json or plain DDP")
 
 
@@ -75,9 +76,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     aux_losses.validate(adapter_config)
     check_distributed_support(aux_losses, training_args)
     if data_args.data_path is None:
-        raise ValueError("--data_path is required for training (a JSON/JSONL file of instruction records)")
+        raise InvalidInput("--data_path is required for training (a JSON/JSONL file of instruction records)")
     if data_args.max_seq_length < 8:
-        raise ValueError(f"--max_seq_length must be at least 8, got {data_args.max_seq_length}")
+        raise InvalidInput(f"--max_seq_length must be at least 8, got {data_args.max_seq_length}")
     records = read_instruction_records(data_args.data_path)
     adapter_config.task_names = task_labels(records)
     # Every check that needs the model's shapes (target names, group sizes), on the architecture alone.

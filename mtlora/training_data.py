@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from mtlora.errors import InvalidInput, MissingInput
 from mtlora.prompts import encode_prompt
 
 IGNORE_INDEX = -100
@@ -22,7 +23,7 @@ REQUIRED_TEXT_FIELDS = ("instruction", "output")
 OPTIONAL_TEXT_FIELDS = ("input", "task_type")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InvalidInput):
     """A training record is malformed; the message names the file and line."""
 
 
@@ -76,7 +77,7 @@ def read_instruction_records(path: str | Path, flag: str = "--data_path") -> lis
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such file")
+        raise MissingInput(f"{flag} {path}: no such file")
     records = [_check_record(path, n, r) for n, r in _raw_records(path)]
     if not records:
         raise DataFormatError(f"{path}: no records")

@@ -18,6 +18,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from mtlora.errors import InvalidInput
+
 
 @dataclass
 class NextTokenScores:
@@ -30,7 +32,7 @@ class NextTokenScores:
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length, longest first."""
     if batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+        raise InvalidInput(f"--batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 

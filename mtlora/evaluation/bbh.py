@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mtlora.errors import InvalidInput, MissingInput
 from mtlora.evaluation.answers import exact_match, extract_answer, infer_answer_kind, lenient_match
 from mtlora.evaluation.batching import generate_batched, truncate_left
 from mtlora.evaluation.reporting import markdown_table, mean, write_results
@@ -43,7 +44,7 @@ def load_bbh_task(path: str | Path) -> list[dict]:
     data = json.loads(path.read_text(encoding="utf-8"))
     items = data["examples"] if isinstance(data, dict) and "examples" in data else data
     if not isinstance(items, list) or not all(isinstance(x, dict) and {"input", "target"} <= x.keys() for x in items):
-        raise ValueError(f"{path}: expected a JSON list of {{input, target}} or {{\"examples\": [...]}}")
+        raise InvalidInput(f"{path}: expected a JSON list of {{input, target}} or {{\"examples\": [...]}}")
     return [{"input": str(x["input"]), "target": str(x["target"])} for x in items]
 
 
@@ -51,12 +52,12 @@ def available_tasks(data_dir: str | Path) -> list[str]:
     """Task names (file stems) of the *.json files in ``data_dir``."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"--data_dir {data_dir}: no such folder (run `python data/prepare.py bbh` or point it at a "
             "folder of BBH task JSON files)")
     tasks = sorted(p.stem for p in data_dir.glob("*.json"))
     if not tasks:
-        raise FileNotFoundError(f"--data_dir {data_dir}: holds no *.json task files")
+        raise MissingInput(f"--data_dir {data_dir}: holds no *.json task files")
     return tasks
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mtlora.errors import InvalidInput, MissingInput
 from mtlora.evaluation.answers import argmax_letter, score_generated_letter
 from mtlora.evaluation.batching import next_token_scores, truncate_left
 from mtlora.evaluation.reporting import markdown_table, mean, write_results
@@ -125,12 +126,12 @@ def load_mmlu_csv(path: str | Path) -> list[dict]:
 
 def _parse_row(row: list[str], path: Path, number: int) -> dict:
     if len(row) != 6:
-        raise ValueError(f"{path}, row {number}: expected 6 columns (question, 4 choices, answer), got {len(row)}")
+        raise InvalidInput(f"{path}, row {number}: expected 6 columns (question, 4 choices, answer), got {len(row)}")
     answer = row[5].strip()
     if answer in ("0", "1", "2", "3"):
         answer = LETTERS[int(answer)]
     if answer not in LETTERS:
-        raise ValueError(f"{path}, row {number}: answer {row[5]!r} is neither a letter A-D nor an index 0-3")
+        raise InvalidInput(f"{path}, row {number}: answer {row[5]!r} is neither a letter A-D nor an index 0-3")
     return {"question": row[0], "choices": row[1:5], "answer": answer}
 
 
@@ -138,12 +139,12 @@ def available_subjects(data_dir: str | Path) -> list[str]:
     """Subjects with a test file ``test/<subject>_test.csv`` under ``data_dir``."""
     test_dir = Path(data_dir) / "test"
     if not test_dir.is_dir():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"--data_dir {data_dir}: expected folders dev/ and test/ of <subject>_{{dev,test}}.csv "
             "(run `python data/prepare.py mmlu` or point it at an MMLU folder)")
     subjects = sorted(p.name[:-len("_test.csv")] for p in test_dir.glob("*_test.csv"))
     if not subjects:
-        raise FileNotFoundError(f"--data_dir {data_dir}: test/ holds no <subject>_test.csv files")
+        raise MissingInput(f"--data_dir {data_dir}: test/ holds no <subject>_test.csv files")
     return subjects
 
 
@@ -156,7 +157,7 @@ def load_subject(data_dir: str | Path, subject: str) -> tuple[list[dict], list[d
     """(dev exemplars, test questions) of one subject."""
     dev_path = Path(data_dir) / "dev" / f"{subject}_dev.csv"
     if not dev_path.is_file():
-        raise FileNotFoundError(f"--data_dir {data_dir}: missing dev exemplars {dev_path}")
+        raise MissingInput(f"--data_dir {data_dir}: missing dev exemplars {dev_path}")
     return load_mmlu_csv(dev_path), load_mmlu_csv(Path(data_dir) / "test" / f"{subject}_test.csv")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from mtlora.errors import InvalidInput
+
 
 def select_requested(requested: Sequence[str] | None, present: list[str], flag: str, data_dir: str | Path) -> list[str]:
     """The requested names in order without repeats (all of ``present`` when none); unknown names raise,
@@ -13,6 +15,6 @@ def select_requested(requested: Sequence[str] | None, present: list[str], flag: 
         return present
     unknown = [name for name in requested if name not in present]
     if unknown:
-        raise ValueError(f"{flag}: unknown {unknown}; available in {data_dir}: {', '.join(present)}")
+        raise InvalidInput(f"{flag}: unknown {unknown}; available in {data_dir}: {', '.join(present)}")
     return list(dict.fromkeys(requested))
 
