@@ -137,6 +137,7 @@ def test_harness_runs_lm_eval_tasks_on_local_data(stops_at_once, local_data, tmp
         config = yaml.safe_load((out / "lm_eval_tasks" / "configs" / f"{task}.yaml").read_text())
         assert set(config) == OVERRIDDEN_KEYS and config["dataset_path"] == "json"
         assert "/lm_eval/tasks/" in config["include"]
+    assert not (out / "lm_eval_tasks" / "hf_cache").exists()
 
 
 def test_bbh_fewshot_scores_every_item(stops_at_once, local_data):

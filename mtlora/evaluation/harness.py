@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mtlora.evaluation.harness_tasks import BENCHMARKS, MMLU_DATA, Selection, lm_eval_tasks_root, select, write_local_tasks
+from mtlora.evaluation.harness_tasks import (BENCHMARKS, HF_CACHE, MMLU_DATA, Selection, lm_eval_tasks_root, select,
+                                              write_local_tasks)
 from mtlora.evaluation.reporting import markdown_table, write_json, write_results
 
 STDERR_MARK = "_stderr,"
@@ -55,7 +57,8 @@ def run_harness(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, benc
                 subjects: Sequence[str] | None = None, bbh_tasks: Sequence[str] | None = None,
                 limit: int | None = None, batch_size: int = 8, num_fewshot: int | None = None,
                 output_dir: str | Path | None = None, metadata: dict | None = None) -> dict:
-    """Run lm-eval's ``benchmarks`` (mmlu, mmlu_continuation, bbh_fewshot) on local data; returns the summary.
+    """Run lm-eval's ``benchmarks`` (mmlu, mmlu_continuation, bbh_fewshot) on local data; returns the summary
+    with lm-eval's per-item records (prompts included) under ``samples``.
 
     ``limit``: the first n test items of every leaf task (lm-eval's --limit). ``num_fewshot``: MMLU tasks
     only (None: lm-eval's default, 0). With ``output_dir``: ``summary.json``, ``summary.md``,
@@ -70,7 +73,6 @@ def run_harness(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, benc
     with _tasks_folder(output_dir) as tasks_dir:
         configs = write_local_tasks(selections, {"mmlu": mmlu_dir, "bbh": bbh_dir}, tasks_dir)
         manager, requested = load_tasks(selections, configs, num_fewshot)
-        model.eval()
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         raw = simple_evaluate(lm, tasks=requested, limit=limit, log_samples=True, task_manager=manager)
     settings = {**(metadata or {}), "lm_eval_version": _lm_eval_version(), "tasks": [s.benchmark.group for s in selections],
@@ -176,12 +178,17 @@ def _lm_eval_version() -> str:
 
 @contextlib.contextmanager
 def _tasks_folder(output_dir: str | Path | None) -> Iterator[Path]:
-    """``<output_dir>/lm_eval_tasks`` (kept with the results), or a temporary folder."""
-    if output_dir is not None:
-        yield Path(output_dir) / "lm_eval_tasks"
+    """``<output_dir>/lm_eval_tasks`` (configs and data kept with the results; the Arrow cache that
+    ``datasets`` built from the data is removed afterwards), or a temporary folder."""
+    if output_dir is None:
+        with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as folder:
+            yield Path(folder)
         return
-    with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as folder:
-        yield Path(folder)
+    folder = Path(output_dir) / "lm_eval_tasks"
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder / HF_CACHE, ignore_errors=True)
 
 
 @contextlib.contextmanager

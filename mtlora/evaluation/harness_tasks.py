@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ import yaml
 
 from mtlora.evaluation.bbh import load_bbh_task
 from mtlora.evaluation.mmlu import LETTERS, load_subject
+
+
+HF_CACHE = "hf_cache"  # the Arrow files ``datasets`` builds from the data, inside the tasks folder
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,8 @@ def write_local_tasks(selections: Sequence[Selection], data_dirs: dict[str, str 
     """
     tasks_dir = Path(tasks_dir).resolve()
     configs = tasks_dir / "configs"
+    for stale in (configs, tasks_dir / "data"):  # a config left by an earlier run would still be indexed
+        shutil.rmtree(stale, ignore_errors=True)
     written: set[tuple[str, str]] = set()
     for selection in selections:
         data = selection.benchmark.data
@@ -137,7 +143,7 @@ def write_local_tasks(selections: Sequence[Selection], data_dirs: dict[str, str 
                 _write_split_files(data, Path(data_dirs[data.name]), name, data_root / name)
                 written.add((data.name, name))
             _write_config(configs / f"{task}.yaml", lm_eval_yaml, {
-                split: str(data_root / name / f"{split}.jsonl") for split in data.splits}, tasks_dir / "hf_cache")
+                split: str(data_root / name / f"{split}.jsonl") for split in data.splits}, tasks_dir / HF_CACHE)
     return configs
 
 
