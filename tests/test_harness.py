@@ -15,17 +15,15 @@ from eval_fixtures import (SHARED_DATA, randomize_adapters, skip_without_shared_
                            smollm2_tokenizer, tiny_llama, write_bbh_folder, write_mmlu_folder)
 from test_eval_integration import tiny_model_dir  # noqa: F401
 
-pytest.importorskip("lm_eval")
-
-import eval_harness  # noqa: E402
-from mtlora.checkpoint import save_adapter  # noqa: E402
-from mtlora.config import AdapterConfig  # noqa: E402
-from mtlora.evaluation.answers import argmax_letter  # noqa: E402
-from mtlora.evaluation.batching import next_token_scores  # noqa: E402
-from mtlora.evaluation.harness import resolve_benchmarks, run_harness  # noqa: E402
-from mtlora.evaluation.harness_tasks import BENCHMARKS, leaf_tasks  # noqa: E402
-from mtlora.evaluation.mmlu import HENDRYCKS_HEADER, LETTERS, SUBJECT_CATEGORY, letter_token_ids, load_subject  # noqa: E402
-from mtlora.injection import attach_adapters  # noqa: E402
+import eval_harness
+from mtlora.checkpoint import save_adapter
+from mtlora.config import AdapterConfig
+from mtlora.evaluation.answers import argmax_letter
+from mtlora.evaluation.batching import next_token_scores
+from mtlora.evaluation.harness import resolve_benchmarks, run_harness
+from mtlora.evaluation.harness_tasks import BENCHMARKS, leaf_tasks
+from mtlora.evaluation.mmlu import HENDRYCKS_HEADER, LETTERS, SUBJECT_CATEGORY, letter_token_ids, load_subject
+from mtlora.injection import attach_adapters
 
 ADAPTER = AdapterConfig(method="mtlora", lora_rank=4, lora_nums=2, enable_block_adapter=True)
 OVERRIDDEN_KEYS = {"include", "dataset_path", "dataset_name", "dataset_kwargs"}
