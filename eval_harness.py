@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mtlora.errors import UsageError
 from mtlora.evaluation.cli import add_model_args, add_run_args, check_positive, default_data_dir, load_for_eval, model_metadata
 from mtlora.evaluation.harness import harness_markdown, resolve_benchmarks, run_harness
 from mtlora.evaluation.harness_tasks import BENCHMARKS
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
     try:  # check the data before spending time on loading the model
         resolve_benchmarks(args.tasks, args.mmlu_dir, args.bbh_dir, args.subjects, args.bbh_tasks)
-    except (FileNotFoundError, ValueError, ModuleNotFoundError) as error:
+    except UsageError as error:
         parser.error(str(error))
     return args
 

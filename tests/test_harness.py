@@ -11,9 +11,6 @@ import socket
 
 import pytest
 import yaml
-from eval_fixtures import (SHARED_DATA, randomize_adapters, skip_without_shared_data, smollm2,  # noqa: F401
-                           smollm2_tokenizer, tiny_llama, write_bbh_folder, write_mmlu_folder)
-from test_eval_integration import tiny_model_dir  # noqa: F401
 
 import eval_harness
 from mtlora.checkpoint import save_adapter
@@ -24,6 +21,8 @@ from mtlora.evaluation.harness import resolve_benchmarks, run_harness
 from mtlora.evaluation.harness_tasks import BENCHMARKS, leaf_tasks
 from mtlora.evaluation.mmlu import HENDRYCKS_HEADER, LETTERS, SUBJECT_CATEGORY, letter_token_ids, load_subject
 from mtlora.injection import attach_adapters
+from tests.helpers import (SHARED_DATA, randomize_adapters, skip_without_shared_data, tiny_llama, write_bbh_folder,
+                           write_mmlu_folder)
 
 ADAPTER = AdapterConfig(method="mtlora", lora_rank=4, lora_nums=2, enable_block_adapter=True)
 OVERRIDDEN_KEYS = {"include", "dataset_path", "dataset_name", "dataset_kwargs"}
@@ -39,7 +38,7 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def adapted_tiny(smollm2_tokenizer):  # noqa: F811
+def adapted_tiny(smollm2_tokenizer):
     """A random 2-layer LLaMA with the SmolLM2 vocabulary and a random mtLoRA adapter attached."""
     model = tiny_llama(vocab_size=len(smollm2_tokenizer))
     return randomize_adapters(attach_adapters(model, ADAPTER)), smollm2_tokenizer
@@ -167,14 +166,14 @@ def test_letter_scorer_equals_lm_eval_acc_per_item(adapted_tiny, local_data):
     assert_letter_scorer_matches_lm_eval(model, tokenizer, mmlu, ["anatomy", "philosophy"], summary, shots=5)
 
 
-def test_letter_scorer_equals_lm_eval_acc_per_item_smollm2(shared_mmlu, smollm2):  # noqa: F811
+def test_letter_scorer_equals_lm_eval_acc_per_item_smollm2(shared_mmlu, smollm2):
     model, tokenizer = smollm2
     subjects = ["world_religions", "management"]
     summary = run_harness(model, tokenizer, ["mmlu"], mmlu_dir=shared_mmlu, subjects=subjects, limit=3, batch_size=3)
     assert_letter_scorer_matches_lm_eval(model, tokenizer, shared_mmlu, subjects, summary, shots=0)
 
 
-def test_cli_with_adapter_checkpoint(tiny_model_dir, local_data, tmp_path):  # noqa: F811
+def test_cli_with_adapter_checkpoint(tiny_model_dir, local_data, tmp_path):
     from mtlora.loading import load_base_model
 
     model = randomize_adapters(attach_adapters(load_base_model(str(tiny_model_dir)), ADAPTER))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mtlora.errors import InvalidInput
 from mtlora.evaluation.harness_tasks import (BENCHMARKS, HF_CACHE, MMLU_DATA, Selection, lm_eval_tasks_root, select,
                                               write_local_tasks)
 from mtlora.evaluation.reporting import markdown_table, write_json, write_results
@@ -40,14 +41,14 @@ def resolve_benchmarks(benchmarks: Sequence[str], mmlu_dir: str | Path | None, b
     """One Selection per requested lm-eval group; raises naming the flag on bad input (no model needed)."""
     unknown = [name for name in benchmarks if name not in BENCHMARKS]
     if unknown or not benchmarks:
-        raise ValueError(f"--tasks: unknown {unknown}; choose from {', '.join(BENCHMARKS)}")
+        raise InvalidInput(f"--tasks: unknown {unknown}; choose from {', '.join(BENCHMARKS)}")
     selections = []
     for name in dict.fromkeys(benchmarks):
         benchmark = BENCHMARKS[name]
         mmlu = benchmark.data is MMLU_DATA
         data_dir = mmlu_dir if mmlu else bbh_dir
         if data_dir is None:
-            raise ValueError(f"{benchmark.data.dir_flag} is required for {name}")
+            raise InvalidInput(f"{benchmark.data.dir_flag} is required for {name}")
         selections.append(select(benchmark, data_dir, subjects if mmlu else bbh_tasks))
     return selections
 

@@ -24,7 +24,9 @@ from pathlib import Path
 import yaml
 
 from mtlora.evaluation.bbh import load_bbh_task
+from mtlora.errors import MissingInput, UsageError
 from mtlora.evaluation.mmlu import LETTERS, load_subject
+from mtlora.evaluation.selection import select_requested
 
 
 HF_CACHE = "hf_cache"  # the Arrow files ``datasets`` builds from the data, inside the tasks folder
@@ -86,7 +88,7 @@ def lm_eval_tasks_root() -> Path:
     """lm-eval's installed task folder (``lm_eval/tasks``), found without importing lm-eval."""
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("lm-eval is not installed: pip install -c constraints.txt -r requirements.txt")
+        raise UsageError("lm-eval is not installed: pip install -c constraints.txt -r requirements.txt")
     return Path(spec.submodule_search_locations[0]) / "tasks"
 
 
@@ -98,7 +100,7 @@ def leaf_tasks(benchmark: Benchmark) -> dict[str, tuple[str, Path]]:
         if not path.name.startswith("_") and isinstance(config.get("task"), str) and "dataset_name" in config:
             leaves[config["dataset_name"]] = (config["task"], path)
     if not leaves:
-        raise FileNotFoundError(f"no lm-eval task yaml found in {lm_eval_tasks_root() / benchmark.folder}")
+        raise MissingInput(f"no lm-eval task yaml found in {lm_eval_tasks_root() / benchmark.folder}")
     return leaves
 
 
@@ -110,17 +112,13 @@ def select(benchmark: Benchmark, data_dir: str | Path, requested: Sequence[str] 
     """
     data, data_dir = benchmark.data, Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"{data.dir_flag} {data_dir}: no such folder (expected {data.layout})")
+        raise MissingInput(f"{data.dir_flag} {data_dir}: no such folder (expected {data.layout})")
     leaves = leaf_tasks(benchmark)
     present = [name for name in leaves if data.has(data_dir, name)]
     if not present:
-        raise FileNotFoundError(f"{data.dir_flag} {data_dir}: holds none of lm-eval's {benchmark.group} "
+        raise MissingInput(f"{data.dir_flag} {data_dir}: holds none of lm-eval's {benchmark.group} "
                                 f"names (expected {data.layout})")
-    names = list(dict.fromkeys(requested)) if requested else present
-    unknown = [name for name in names if name not in present]
-    if unknown:
-        raise ValueError(f"{data.select_flag}: {unknown} not available for {benchmark.group} in {data_dir}; "
-                         f"available: {', '.join(present)}")
+    names = select_requested(requested, present, data.select_flag, data_dir)
     return Selection(benchmark, names, [leaves[n][0] for n in names], [leaves[n][1] for n in names],
                      complete=len(names) == len(leaves))
 
