@@ -31,7 +31,8 @@ def _add_adapter_output(host: nn.Module, args: tuple, kwargs: dict, output):
     return output + delta.to(output.dtype)
 
 
-def _install(host: nn.Module, adapter: nn.Module) -> None:
+def install_adapter(host: nn.Module, adapter: nn.Module) -> None:
+    """Make ``adapter`` the child ``adapter`` of ``host`` (on its device) and add its output to the host's output."""
     weight = next(host.parameters())
     host.add_module(ADAPTER_NAME, adapter.to(device=weight.device).train(host.training))
     host.register_forward_hook(_add_adapter_output, with_kwargs=True)
@@ -81,7 +82,7 @@ def _attach_component_level(model: nn.Module, config: AdapterConfig) -> int:
     for name, linear in targets:
         _check_group_size(config, name, linear.out_features)
     for _, linear in targets:
-        _install(linear, _component_adapter(config, linear))
+        install_adapter(linear, _component_adapter(config, linear))
     return len(targets)
 
 
@@ -92,7 +93,7 @@ def _attach_block_level(model: nn.Module, config: AdapterConfig) -> int:
     layers = find_decoder_layers(model)
     for layer in layers:
         for host_name in BLOCK_HOSTS[config.block_adapter_type]:
-            _install(getattr(layer, host_name), _routed_adapter(config, hidden, hidden, rank, config.block_adapter_style))
+            install_adapter(getattr(layer, host_name), _routed_adapter(config, hidden, hidden, rank, config.block_adapter_style))
     return len(layers) * len(BLOCK_HOSTS[config.block_adapter_type])
 
 

@@ -36,6 +36,32 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
+def write_tiny_model_folder(folder: Path, seed: int = 0) -> str:
+    """A tiny random LLaMA saved with the SmolLM2 tokenizer files of the repo: a model folder any loader reads."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO_CONFIGS / "smollm2-135m")
+    tiny_llama(seed, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def write_lora_checkpoint(folder: Path, seed: int, config=None, scale: float = 0.3, **model_overrides) -> str:
+    """A ``--method lora`` checkpoint (rank 4 by default) of a tiny LLaMA with random non-zero A and B."""
+    from mtlora.checkpoint import save_adapter
+    from mtlora.config import AdapterConfig
+    from mtlora.injection import attach_adapters
+
+    config = config or AdapterConfig(method="lora", lora_rank=4)
+    model = attach_adapters(tiny_llama(**model_overrides), config)
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data.copy_(torch.randn(param.shape, generator=generator) * scale)
+    save_adapter(model, config, folder)
+    return str(folder)
+
+
 def write_multitask_records(path: Path, count: int = 96, seed: int = 0) -> Path:
     """Three easy, learnable tasks over a small vocabulary, as JSONL instruction records."""
     rng = random.Random(seed)
