@@ -17,7 +17,8 @@ product), and its ``*_svd`` types scale each update twice (by s^2) up to PEFT 0.
   should be reported as the mean and spread over several seeds (:data:`DARE_SEEDS`).
 
 Trimming is per layer (PEFT's granularity); the official TIES code takes the top-k over the whole
-flattened task vector instead.
+flattened task vector instead. ``dare_ties`` is PEFT's: random drop, then sign election and disjoint mean,
+with no magnitude trim (the DARE code's TIES variant, for GLUE models, also trims after the drop).
 """
 
 from __future__ import annotations

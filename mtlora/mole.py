@@ -16,10 +16,10 @@ Gates for variable-length text: one gate vector per sequence, computed once from
 while decoding (the code computes one gate per sample from the whole flattened input; the paper assumes a
 fixed length). The prompt tokens are the non-padding tokens without a label (labels == -100) in a training
 forward (all of them for a sequence labelled throughout), and all non-padding tokens of the first forward
-otherwise (the prompt at generation); during cached decoding the gates of the prompt are reused. Tokens are
-normalised one by one before the mean, so a few large-norm tokens (e.g. BOS) do not decide the gate alone.
-The paper's learnable temperature is not used (nor by the code), and the paper's gate over the concatenated
-per-LoRA block outputs is not implemented.
+otherwise (the prompt at generation); while decoding with a KV cache (``generate``'s default) the gates of
+the prompt are reused. Tokens are normalised one by one before the mean, so a few large-norm tokens (e.g.
+BOS) do not decide the gate alone. The paper's learnable temperature is not used (nor by the code), and the
+paper's gate over the concatenated per-LoRA block outputs is not implemented.
 
 The LoRA factors are stacked, A (N, r, d_in) and B (N, d_out, r), and mixed in two GEMMs
 (:func:`mtlora.experts.gated_lora_mix`). They are non-persistent buffers: a MoLE checkpoint holds only the
@@ -85,7 +85,7 @@ class MoleGate(nn.Module):
             if self.pool_mask.shape != tokens.shape[:2]:
                 raise ValueError(f"MoLE pooling mask {tuple(self.pool_mask.shape)} does not match the layer input "
                                  f"{tuple(tokens.shape[:2])}")
-            mask = self.pool_mask.to(tokens.dtype)[..., None]
+            mask = self.pool_mask.to(tokens.device, tokens.dtype)[..., None]
             pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         self.gates = torch.softmax(pooled @ self.weight.float().t(), dim=-1)  # (batch, N)
         if self.training and self.record is None:
