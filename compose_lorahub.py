@@ -27,8 +27,9 @@ from mtlora.checkpoint import save_adapter
 from mtlora.errors import MissingInput, UsageError
 from mtlora.evaluation.bbh import resolve_tasks
 from mtlora.loading import DTYPES, load_base_model, load_tokenizer
+from mtlora.library import check_lora_configs, resolve_lora_checkpoints
 from mtlora.lorahub import (DEFAULT_BUDGET, L1_ALPHA, WEIGHT_BOUND, bbh_exemplar_examples, compose_lora_modules,
-                            check_lora_configs, records_to_examples)
+                            records_to_examples)
 from mtlora.training_data import read_instruction_records
 
 SUMMARY = "lorahub_summary.json"
@@ -36,7 +37,7 @@ SUMMARY = "lorahub_summary.json"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lora_checkpoints", required=True, help="Comma-separated train.py --method lora output dirs.")
+    parser.add_argument("--lora_checkpoints", required=True, help="Comma-separated train.py --method lora output dirs, or one folder of them.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--fewshot_path", help="JSON/JSONL instruction records to compose on.")
     source.add_argument("--fewshot_from_bbh", metavar="DIR", help="Folder of BBH <task>.json files (exemplars only).")
@@ -74,7 +75,7 @@ def _few_shot(args: argparse.Namespace, tokenizer) -> tuple[list[dict], dict]:
 
 def run(args: argparse.Namespace) -> dict:
     """Compose, save the checkpoint and the summary; returns the summary."""
-    checkpoints = [c.strip() for c in args.lora_checkpoints.split(",") if c.strip()]
+    checkpoints = resolve_lora_checkpoints(args.lora_checkpoints)
     check_lora_configs(checkpoints)  # fail before loading the model
     tokenizer = load_tokenizer(args.model_name_or_path)
     examples, source = _few_shot(args, tokenizer)

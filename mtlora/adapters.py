@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlora.experts import routed_expert_mix
+from mtlora.experts import gated_lora_mix, routed_expert_mix
 
 
 class RoutedLowRankAdapter(nn.Module):
@@ -124,13 +124,9 @@ class TaskGatedLoRA(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         batch_size = u.shape[0] if u.dim() == 3 else 1
-        tokens = u.reshape(-1, self.in_features)  # (N, d_in)
-        all_A = self.lora_A.to(u.dtype).reshape(self.num_experts * self.rank, self.in_features)
-        code = (self.dropout(tokens) @ all_A.t()).view(batch_size, -1, self.num_experts, self.rank)
+        tokens = self.dropout(u).reshape(batch_size, -1, self.in_features)  # (batch, L, d_in)
         gate = self.gate_weights(batch_size, u.device).to(u.dtype) * self.scaling  # (batch, E)
-        folded = (code * gate[:, None, :, None]).reshape(-1, self.num_experts * self.rank)  # (N, E*r)
-        all_B = self.lora_B.to(u.dtype).permute(1, 0, 2).reshape(self.out_features, -1)  # [B_1 | ... | B_E]
-        return (folded @ all_B.t()).reshape(*u.shape[:-1], self.out_features)
+        return gated_lora_mix(tokens, self.lora_A, self.lora_B, gate).reshape(*u.shape[:-1], self.out_features)
 
 
 ADAPTER_TYPES = (RoutedLowRankAdapter, TaskGatedLoRA)

@@ -16,7 +16,7 @@ from torch import nn
 
 from mtlora.config import AdapterConfig
 from mtlora.errors import InvalidInput, MissingInput
-from mtlora.injection import adapter_modules, adapter_state_dict
+from mtlora.injection import adapter_modules, adapter_state_dict, attach_adapters
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -29,6 +29,14 @@ def save_adapter(model: nn.Module, config: AdapterConfig, output_dir: str | Path
     ``state_dict`` is a full (e.g. DeepSpeed-gathered) state dict to take the adapter tensors from
     instead of the model's own parameters.
     """
+    output_dir = save_adapter_weights(model, output_dir, state_dict)
+    config.save(output_dir / ADAPTER_CONFIG)
+    return output_dir
+
+
+def save_adapter_weights(model: nn.Module, output_dir: str | Path,
+                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter tensors (the ``.adapter.`` entries of the state dict) to ``adapter_model.safetensors``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     source = adapter_state_dict(model)
@@ -36,7 +44,6 @@ def save_adapter(model: nn.Module, config: AdapterConfig, output_dir: str | Path
         source = {name: state_dict[name] for name in source}
     tensors = {name: t.detach().contiguous().cpu() for name, t in source.items()}
     save_file(tensors, str(output_dir / ADAPTER_WEIGHTS), metadata={"format": "pt", "library": "mtlora"})
-    config.save(output_dir / ADAPTER_CONFIG)
     return output_dir
 
 
@@ -70,6 +77,14 @@ def load_adapter_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
     params = dict(model.named_parameters())
     for name, tensor in saved.items():
         params[name].data.copy_(tensor.to(params[name].device))
+
+
+def load_adapter(model: nn.Module, checkpoint_dir: str | Path) -> AdapterConfig:
+    """Attach the adapters a train.py checkpoint describes to ``model`` (frozen) and load their weights."""
+    config = read_adapter_config(checkpoint_dir)
+    attach_adapters(model, config)
+    load_adapter_weights(model, checkpoint_dir)
+    return config
 
 
 def export_peft_lora(model: nn.Module, config: AdapterConfig, output_dir: str | Path,

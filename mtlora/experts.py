@@ -53,6 +53,30 @@ def routed_expert_mix(code: torch.Tensor, routing_weights: torch.Tensor, expert_
     return out.transpose(0, 1).reshape(num_tokens, d_out)
 
 
+def gated_lora_mix(tokens: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Mix E full LoRA experts (A_i, B_i) with one weight per sequence and expert, in two GEMMs.
+
+    The codes of all experts come from one product with the stacked down-projections, the gate is folded
+    into them, and the sum over experts is one product with [B_1 | ... | B_E] (MMoELoRA's task gate, MoLE).
+
+    Args:
+        tokens: (batch, L, d_in).
+        lora_A: (E, r, d_in) stacked down-projections; lora_B: (E, d_out, r) stacked up-projections
+            (any float dtype: cast to the tokens' dtype here).
+        gates: (batch, E) weight of each expert for each sequence (scaling folded in), in the tokens' dtype.
+
+    Returns:
+        (batch, L, d_out): sum_i gates[b, i] * B_i A_i tokens[b, t].
+    """
+    batch, length, d_in = tokens.shape
+    num_experts, d_out, rank = lora_B.shape
+    all_A = lora_A.to(tokens.dtype).reshape(num_experts * rank, d_in)
+    code = (tokens @ all_A.t()).view(batch, length, num_experts, rank)  # one GEMM for every expert's code
+    folded = (code * gates[:, None, :, None]).reshape(batch * length, num_experts * rank)
+    all_B = _contiguous_as(lora_B.permute(1, 0, 2), tokens.dtype).reshape(d_out, num_experts * rank)  # [B_1 | ... | B_E]
+    return (folded @ all_B.t()).view(batch, length, d_out)
+
+
 def _contiguous_as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """One copy that both casts and lays the tensor out contiguously (``.to`` alone keeps the strides).
 

@@ -35,13 +35,14 @@ def _add_adapter_output(host: nn.Module, args: tuple, kwargs: dict, output):
     return output + delta.to(output.dtype)
 
 
-def _install(host: nn.Module, adapter: nn.Module) -> None:
+_HOOKS: "weakref.WeakKeyDictionary[nn.Module, torch.utils.hooks.RemovableHandle]" = weakref.WeakKeyDictionary()
+
+
+def install_adapter(host: nn.Module, adapter: nn.Module) -> None:
+    """Make ``adapter`` the child ``adapter`` of ``host`` (on its device) and add its output to the host's output."""
     weight = next(host.parameters())
     host.add_module(ADAPTER_NAME, adapter.to(device=weight.device).train(host.training))
     _HOOKS[adapter] = host.register_forward_hook(_add_adapter_output, with_kwargs=True)
-
-
-_HOOKS: "weakref.WeakKeyDictionary[nn.Module, torch.utils.hooks.RemovableHandle]" = weakref.WeakKeyDictionary()
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -81,7 +82,7 @@ def _attach_component_level(model: nn.Module, config: AdapterConfig) -> int:
         raise AdapterConfigError(f"--trainable: no linear layer named {sorted(missing)}; available: {', '.join(available)}")
     groups = [config.routing_groups(linear.out_features, name) for name, linear in targets]  # check all first
     for (_, linear), num_groups in zip(targets, groups):
-        _install(linear, _component_adapter(config, linear, num_groups))
+        install_adapter(linear, _component_adapter(config, linear, num_groups))
     return len(targets)
 
 
@@ -93,7 +94,7 @@ def _attach_block_level(model: nn.Module, config: AdapterConfig) -> int:
     for layer in layers:
         for host_name in BLOCK_HOSTS[config.block_adapter_type]:
             adapter = _routed_adapter(config, hidden, hidden, rank, num_groups, config.block_adapter_style)
-            _install(getattr(layer, host_name), adapter)
+            install_adapter(getattr(layer, host_name), adapter)
     return len(layers) * len(BLOCK_HOSTS[config.block_adapter_type])
 
 

@@ -11,7 +11,6 @@ start. The loss is the token-weighted mean cross-entropy over the examples' targ
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,23 +18,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from mtlora.checkpoint import ADAPTER_WEIGHTS, read_adapter_config
 from mtlora.config import AdapterConfig
 from mtlora.errors import InvalidInput
 from mtlora.evaluation.batching import truncate_left
 from mtlora.evaluation.bbh import NUM_EXEMPLARS, available_tasks, build_bbh_prompt, load_bbh_task
 from mtlora.injection import adapter_modules, adapter_state_dict, attach_adapters
+from mtlora.library import read_lora_modules
 from mtlora.training_data import IGNORE_INDEX, PaddingCollator, tokenize_record
 
 L1_ALPHA = 0.05
 WEIGHT_BOUND = 1.5
 DEFAULT_BUDGET = 40
-# Fields that may differ between the composed modules: they describe the training data, not the adapter shape.
-DATA_FIELDS = ("task_names",)
 
 
 # ------------------------------------------------------------------------------------------ optimiser
@@ -156,28 +152,6 @@ def bbh_exemplar_examples(data_dir: str | Path, tokenizer, tasks: Sequence[str] 
 
 
 # ---------------------------------------------------------------------------------------- composition
-
-def check_lora_configs(checkpoints: Sequence[str | Path]) -> AdapterConfig:
-    """The shared config of K ``--method lora`` checkpoints; raises naming the first one that differs."""
-    if not checkpoints:
-        raise InvalidInput("--lora_checkpoints: give at least one checkpoint")
-    configs = [read_adapter_config(path) for path in checkpoints]
-    reference = {k: v for k, v in configs[0].to_dict().items() if k not in DATA_FIELDS}
-    for path, config in zip(checkpoints, configs):
-        if config.method != "lora":
-            raise InvalidInput(f"--lora_checkpoints {path}: LoRAHub composes --method lora adapters, got {config.method}")
-        fields = {k: v for k, v in config.to_dict().items() if k not in DATA_FIELDS}
-        if fields != reference:
-            diff = sorted(k for k in fields if fields[k] != reference[k])
-            raise InvalidInput(f"--lora_checkpoints {path}: adapter config differs from {checkpoints[0]} in {diff}")
-    return dataclasses.replace(configs[0])  # task_names (init=False) is left empty
-
-
-def read_lora_modules(checkpoints: Sequence[str | Path]) -> tuple[AdapterConfig, list[dict[str, torch.Tensor]]]:
-    """(config, state dicts) of K ``--method lora`` checkpoints that share targets, rank and alpha."""
-    config = check_lora_configs(checkpoints)
-    return config, [load_file(str(Path(path) / ADAPTER_WEIGHTS)) for path in checkpoints]
-
 
 def _check_module_keys(model: nn.Module, checkpoints: Sequence, modules: Sequence[dict]) -> None:
     expected = {k: v.shape for k, v in adapter_state_dict(model).items()}

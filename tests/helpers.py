@@ -144,11 +144,31 @@ def skip_without_shared_data() -> None:
 
 
 def random_adapter_checkpoint(folder: Path, config: AdapterConfig, seed: int = 3, scale: float = 0.1,
-                              vocab_size: int = 128, **options) -> str:
-    """Save the adapters of ``config`` on a tiny LLaMA with random non-zero weights (see randomize_adapters)."""
+                              zero_router: bool = False, identical_experts: bool = False, **model_overrides) -> str:
+    """Save the adapters of ``config`` on a tiny LLaMA (``model_overrides``: its config) with random non-zero
+    weights (see randomize_adapters)."""
     from mtlora.checkpoint import save_adapter
     from mtlora.injection import attach_adapters
 
-    model = randomize_adapters(attach_adapters(tiny_llama(vocab_size=vocab_size), config), seed, scale, **options)
+    model = attach_adapters(tiny_llama(**model_overrides), config)
+    randomize_adapters(model, seed, scale, zero_router=zero_router, identical_experts=identical_experts)
     save_adapter(model, config, folder)
+    return str(folder)
+
+
+def write_lora_checkpoint(folder: Path, seed: int, config: AdapterConfig | None = None, scale: float = 0.3,
+                          **model_overrides) -> str:
+    """A ``--method lora`` checkpoint (rank 4 by default) of a tiny LLaMA with random non-zero A and B."""
+    return random_adapter_checkpoint(folder, config or AdapterConfig(method="lora", lora_rank=4), seed, scale,
+                                     **model_overrides)
+
+
+def write_tiny_model_folder(folder: Path, seed: int = 0) -> str:
+    """A tiny random LLaMA saved with the SmolLM2 tokenizer files of the repo: a model folder any loader reads."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tokenizer.pad_token = tokenizer.unk_token
+    tiny_llama(seed, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return str(folder)

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from mtlora.checkpoint import export_peft_lora, load_adapter_weights, save_adapter
+from mtlora.checkpoint import export_peft_lora, load_adapter, load_adapter_weights, save_adapter
 from mtlora.config import AdapterConfig
 from mtlora.injection import attach_adapters, set_task_ids
 from tests.helpers import ADAPTER_MATRIX, adapter_config, randomize_adapters, tiny_llama
@@ -47,3 +47,15 @@ def test_plain_lora_exports_to_peft_with_identical_outputs(tmp_path):
     export_peft_lora(model, config, tmp_path)
     peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     torch.testing.assert_close(peft_model(TOKENS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_load_adapter_attaches_and_loads_in_one_call(tmp_path):
+    saved = adapter_config("block-both-fgr")
+    model = _trained_looking(saved)
+    save_adapter(model, saved, tmp_path)
+    fresh = tiny_llama()
+    config = load_adapter(fresh, tmp_path)
+    assert config == saved and not any(p.requires_grad for n, p in fresh.named_parameters() if ".adapter." not in n)
+    assert torch.equal(fresh.eval()(TOKENS).logits, model(TOKENS).logits)
+    with pytest.raises(FileNotFoundError, match="expected a folder with adapter_model.safetensors"):
+        load_adapter(tiny_llama(), tmp_path / "missing")

@@ -13,17 +13,16 @@ from mtlora.checkpoint import load_adapter_weights, save_adapter
 from mtlora.config import AdapterConfig
 from mtlora.injection import adapter_modules, attach_adapters
 from mtlora.loading import load_model_for_eval
-from mtlora.lorahub import (bbh_exemplar_examples, compose_lora_modules, minimize_cma, read_lora_modules,
-                            records_to_examples, set_composition)
-from tests.helpers import random_adapter_checkpoint, requires_smollm2, tiny_llama
+from mtlora.library import read_lora_modules
+from mtlora.lorahub import bbh_exemplar_examples, compose_lora_modules, minimize_cma, records_to_examples, set_composition
+from tests.helpers import requires_smollm2, tiny_llama, write_lora_checkpoint
 
 LORA = AdapterConfig(method="lora", lora_rank=4)
 TOKENS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
 def _lora_checkpoint(folder, seed: int, config: AdapterConfig = LORA, vocab_size: int = 128) -> str:
-    """A LoRA checkpoint with random non-zero A and B."""
-    return random_adapter_checkpoint(folder, config, seed=seed, scale=0.3, vocab_size=vocab_size)
+    return write_lora_checkpoint(folder, seed, config, vocab_size=vocab_size)
 
 
 def test_one_hot_weights_reproduce_a_module_exactly(tmp_path):
@@ -58,7 +57,7 @@ def test_modules_must_be_compatible_lora(tmp_path):
     lora = _lora_checkpoint(tmp_path / "a", 1)
     with pytest.raises(ValueError, match="--lora_checkpoints .*lora_rank"):
         read_lora_modules([lora, _lora_checkpoint(tmp_path / "b", 2, AdapterConfig(method="lora", lora_rank=2))])
-    with pytest.raises(ValueError, match="--method lora adapters, got hydralora"):
+    with pytest.raises(ValueError, match="expected a --method lora adapter, got hydralora"):
         read_lora_modules([lora, _lora_checkpoint(tmp_path / "c", 3, AdapterConfig(method="hydralora", lora_nums=2))])
 
 

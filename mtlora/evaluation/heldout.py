@@ -21,6 +21,16 @@ from mtlora.evaluation.batching import generate_batched, truncate_left
 from mtlora.evaluation.reporting import markdown_table, mean, write_json
 from mtlora.prompts import encode_prompt
 
+def generate_for_records(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[dict],
+                         max_new_tokens: int = 64, batch_size: int = 8, max_length: int | None = None,
+                         desc: str = "generate") -> list[str]:
+    """Greedy answers to records with ``instruction`` and ``input``, fed in the training format; prompts longer
+    than ``max_length`` (default: the model's context) minus ``max_new_tokens`` lose their start (BOS kept)."""
+    budget = (max_length or model.config.max_position_embeddings) - max_new_tokens
+    prompts = [truncate_left(encode_prompt(tokenizer, r), budget, keep_first=tokenizer.bos_token_id) for r in records]
+    return generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, desc=desc)
+
+
 def references(record: dict) -> list[str]:
     """Acceptable answers: the optional ``references`` list (several valid targets), else ``output``."""
     return record.get("references") or [record["output"]]
@@ -49,17 +59,15 @@ def evaluate_heldout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """
     model.eval()
     records = limit_per_task(records, limit)
-    budget = (max_length or model.config.max_position_embeddings) - max_new_tokens
-    prompts = [truncate_left(encode_prompt(tokenizer, r), budget, keep_first=tokenizer.bos_token_id)
-               for r in records]
-    generations = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, desc="held-out")
+    generations = generate_for_records(model, tokenizer, records, max_new_tokens, batch_size, max_length, "held-out")
     predictions = [{"task_type": r["task_type"], "output": r["output"], "generation": g,
                     "exact": any(exact_match(g, ref) for ref in references(r)),
                     "lenient": any(normalize(ref) in normalize(g) for ref in references(r))}
                    for r, g in zip(records, generations, strict=True)]
     summary = summarize_heldout(predictions)
     summary["settings"] = {**(metadata or {}), "limit": limit, "batch_size": batch_size,
-                           "max_new_tokens": max_new_tokens, "max_length": budget + max_new_tokens}
+                           "max_new_tokens": max_new_tokens,
+                           "max_length": max_length or model.config.max_position_embeddings}
     if output_dir is not None:
         write_json(Path(output_dir) / "predictions.json", {"predictions": predictions})
         write_json(Path(output_dir) / "summary.json", summary)
