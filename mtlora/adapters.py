@@ -129,4 +129,3 @@ class TaskGatedLoRA(nn.Module):
         return gated_lora_mix(tokens, self.lora_A, self.lora_B, gate).reshape(*u.shape[:-1], self.out_features)
 
 
-ADAPTER_TYPES = (RoutedLowRankAdapter, TaskGatedLoRA)

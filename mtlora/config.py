@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mtlora.errors import InvalidInput
 
-METHODS = ("lora", "hydralora", "mmoelora", "mtlora")
+METHODS = ("lora", "hydralora", "mmoelora", "mtlora", "mole")
 BLOCK_ADAPTER_TYPES = ("ffn", "attention", "both")
 BLOCK_ADAPTER_STYLES = ("lowrank", "bottleneck", "adaptformer")
 
@@ -30,9 +30,10 @@ class AdapterConfig:
     """Which adapter to attach, where, and with which hyper-parameters (field name = ``train.py`` flag)."""
 
     method: str = field(default="hydralora", metadata={
-        "help": "lora | hydralora | mmoelora | mtlora. As in the reference code, mtlora takes the hydralora code "
-                "path: its components are switched on only by --enable_block_adapter, "
-                "--enable_fine_grained_routing, --enable_spectral_reg and --enable_blc."})
+        "help": "lora | hydralora | mmoelora | mtlora | mole. As in the reference code, mtlora takes the hydralora "
+                "code path: its components are switched on only by --enable_block_adapter, "
+                "--enable_fine_grained_routing, --enable_spectral_reg and --enable_blc. mole trains gates over "
+                "the frozen LoRAs of --lora_library (MoLE, Wu et al. 2024)."})
     lora_rank: int = field(default=16, metadata={"help": "Rank r of every adapter."})
     lora_alpha: float = field(default=64.0, metadata={"help": "Scaling s = alpha / r."})
     lora_nums: int = field(default=16, metadata={"help": "Number of experts E (routed methods and mmoelora)."})
@@ -48,7 +49,15 @@ class AdapterConfig:
     enable_fine_grained_routing: bool = field(default=False, metadata={
         "help": "One routing weight per expert per group of --routing_group_size output dimensions."})
     routing_group_size: int | None = field(default=None, metadata={
-        "help": "Output dimensions per routing group g; must divide every adapted width (g = d is scalar routing)."})
+        "help": "Output dimensions per routing group g (the reference's flag); must divide every adapted width "
+                "(g = d is scalar routing)."})
+    routing_groups: int | None = field(default=None, metadata={
+        "help": "Instead of --routing_group_size: G output groups in every adapted module (group width d_out / G), "
+                "the paper's notation; the same as g = d / G where every width is d, and well defined when the "
+                "widths differ (grouped-query attention makes v_proj narrower than q_proj)."})
+    lora_library: list[str] = field(default_factory=list, metadata={
+        "help": "--method mole: the per-task LoRA checkpoints to gate (train.py --method lora outputs), or one "
+                "folder holding them."})
     # Set from the training data, not from the command line (init=False keeps them out of the parser).
     task_names: list[str] = field(default_factory=list, init=False)
 
@@ -68,6 +77,11 @@ class AdapterConfig:
         return self.method == "mmoelora"
 
     @property
+    def is_mole(self) -> bool:
+        """Gates over a library of frozen LoRAs (MoLE): the gates are the only trained weights."""
+        return self.method == "mole"
+
+    @property
     def supports_block_level(self) -> bool:
         return self.is_routed
 
@@ -78,7 +92,7 @@ class AdapterConfig:
     @property
     def has_expert_up_projections(self) -> bool:
         """Several expert matrices B_i per adapter: what spectral regularisation acts on."""
-        return self.method != "lora"
+        return self.method not in ("lora", "mole")
 
     @property
     def num_experts(self) -> int:
@@ -97,13 +111,18 @@ class AdapterConfig:
     def uses_block_adapter(self) -> bool:
         return self.enable_block_adapter and self.supports_block_level
 
-    def routing_groups(self, out_features: int, where: str = "the adapted module") -> int:
+    def group_count(self, out_features: int, where: str = "the adapted module") -> int:
         """Number of output-dimension groups G = d_out / g (1 means scalar routing per expert).
 
         The one place a group size is checked against a width: raises naming the flag when g does not divide it.
         """
         if not self.enable_fine_grained_routing:
             return 1
+        if self.routing_groups is not None:
+            if out_features % self.routing_groups != 0:
+                raise AdapterConfigError(f"--routing_groups {self.routing_groups} does not divide the output width "
+                                         f"{out_features} of {where}")
+            return self.routing_groups
         g = self.routing_group_size
         if out_features % g != 0:
             divisors = [d for d in range(1, out_features + 1) if out_features % d == 0 and d > 1]
@@ -131,15 +150,21 @@ class AdapterConfig:
             raise AdapterConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.enable_block_adapter and not self.supports_block_level:
             raise AdapterConfigError(f"--enable_block_adapter is supported for hydralora and mtlora, not --method {self.method}")
+        if self.is_mole != bool(self.lora_library):
+            raise AdapterConfigError("--lora_library is needed by --method mole, and only by it")
         if not self.uses_block_adapter and not self.trainable:
             raise AdapterConfigError("--trainable must name at least one module (e.g. q_proj,v_proj)")
         if self.enable_fine_grained_routing:
             if not self.supports_fine_grained_routing:
                 raise AdapterConfigError(
                     f"--enable_fine_grained_routing is supported for hydralora and mtlora, not --method {self.method}")
-            if self.routing_group_size is None or self.routing_group_size < 1:
-                raise AdapterConfigError("--routing_group_size must be a positive integer with "
-                                         f"--enable_fine_grained_routing, got {self.routing_group_size}")
+            if (self.routing_group_size is None) == (self.routing_groups is None):
+                raise AdapterConfigError("--enable_fine_grained_routing needs exactly one of --routing_group_size "
+                                         "and --routing_groups")
+            for flag, value in (("--routing_group_size", self.routing_group_size),
+                                ("--routing_groups", self.routing_groups)):
+                if value is not None and value < 1:
+                    raise AdapterConfigError(f"{flag} must be a positive integer, got {value}")
 
     # ------------------------------------------------------------------------------ persistence
 

@@ -18,7 +18,7 @@ import weakref
 import torch
 from torch import nn
 
-from mtlora.adapters import ADAPTER_TYPES, RoutedLowRankAdapter, TaskGatedLoRA
+from mtlora.adapters import RoutedLowRankAdapter, TaskGatedLoRA
 from mtlora.config import AdapterConfig, AdapterConfigError
 from mtlora.experts import routed_expert_mix, routed_expert_mix_loop
 
@@ -35,14 +35,20 @@ def _add_adapter_output(host: nn.Module, args: tuple, kwargs: dict, output):
     return output + delta.to(output.dtype)
 
 
-_HOOKS: "weakref.WeakKeyDictionary[nn.Module, torch.utils.hooks.RemovableHandle]" = weakref.WeakKeyDictionary()
+# The hooks each adapter module needs, so that detach_adapters can remove them.
+_HOOKS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def track_hook(adapter: nn.Module, handle) -> None:
+    """Remember a hook that belongs to ``adapter`` (removed with it by :func:`detach_adapters`)."""
+    _HOOKS.setdefault(adapter, []).append(handle)
 
 
 def install_adapter(host: nn.Module, adapter: nn.Module) -> None:
     """Make ``adapter`` the child ``adapter`` of ``host`` (on its device) and add its output to the host's output."""
     weight = next(host.parameters())
     host.add_module(ADAPTER_NAME, adapter.to(device=weight.device).train(host.training))
-    _HOOKS[adapter] = host.register_forward_hook(_add_adapter_output, with_kwargs=True)
+    track_hook(adapter, host.register_forward_hook(_add_adapter_output, with_kwargs=True))
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -80,7 +86,7 @@ def _attach_component_level(model: nn.Module, config: AdapterConfig) -> int:
     if missing:
         available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise AdapterConfigError(f"--trainable: no linear layer named {sorted(missing)}; available: {', '.join(available)}")
-    groups = [config.routing_groups(linear.out_features, name) for name, linear in targets]  # check all first
+    groups = [config.group_count(linear.out_features, name) for name, linear in targets]  # check all first
     for (_, linear), num_groups in zip(targets, groups):
         install_adapter(linear, _component_adapter(config, linear, num_groups))
     return len(targets)
@@ -89,7 +95,7 @@ def _attach_component_level(model: nn.Module, config: AdapterConfig) -> int:
 def _attach_block_level(model: nn.Module, config: AdapterConfig) -> int:
     hidden = model.config.hidden_size
     rank = config.block_adapter_rank or config.lora_rank
-    num_groups = config.routing_groups(hidden, "the decoder block (hidden size)")
+    num_groups = config.group_count(hidden, "the decoder block (hidden size)")
     layers = find_decoder_layers(model)
     for layer in layers:
         for host_name in BLOCK_HOSTS[config.block_adapter_type]:
@@ -107,6 +113,11 @@ def attach_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     config.validate()
     if adapter_modules(model):
         raise AdapterConfigError("this model already has adapters attached")
+    if config.is_mole:
+        from mtlora.mole import attach_mole  # MoLE builds on this module's attachment
+
+        attach_mole(model, config.lora_library)
+        return model
     for param in model.parameters():
         param.requires_grad_(False)
     if config.uses_block_adapter:
@@ -120,14 +131,15 @@ def detach_adapters(model: nn.Module) -> nn.Module:
     """Remove every adapter :func:`attach_adapters` added (modules and hooks); the base stays frozen."""
     for name, adapter in adapter_modules(model).items():
         host = model.get_submodule(name.rpartition(".")[0])
-        _HOOKS.pop(adapter).remove()
+        for handle in _HOOKS.pop(adapter, []):
+            handle.remove()
         delattr(host, ADAPTER_NAME)
     return model
 
 
 def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Name -> adapter module, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)}
+    """Name -> adapter module (every child named ``adapter``), in model order."""
+    return {name: m for name, m in model.named_modules() if name.rpartition(".")[2] == ADAPTER_NAME}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

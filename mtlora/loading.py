@@ -113,19 +113,13 @@ def load_tokenizer(model_name_or_path: str | None = None) -> PreTrainedTokenizer
 
 def load_model_for_eval(model_name_or_path: str | None = None, lora_checkpoint: str | None = None,
                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) in eval mode, with the adapter checkpoint (train.py's, or a MoLE one) attached if given."""
+    """(model, tokenizer) in eval mode, with the adapter checkpoint of train.py attached if given."""
     from mtlora.checkpoint import load_adapter, read_adapter_config
-    from mtlora.mole import is_mole_checkpoint, load_mole, read_mole_library
 
-    mole = lora_checkpoint is not None and is_mole_checkpoint(lora_checkpoint)
-    if mole:  # check the checkpoint before loading the model
-        read_mole_library(lora_checkpoint)
-    elif lora_checkpoint:
-        read_adapter_config(lora_checkpoint)
+    if lora_checkpoint:
+        read_adapter_config(lora_checkpoint).validate()  # check the checkpoint before loading the model
     model = load_base_model(model_name_or_path, dtype=dtype, device=device)
-    if mole:
-        load_mole(model, lora_checkpoint)
-    elif lora_checkpoint:
+    if lora_checkpoint:
         load_adapter(model, lora_checkpoint)
     model.eval()
     return model, load_tokenizer(model_name_or_path)

@@ -34,13 +34,16 @@ class AuxiliaryLosses:
         "help": "Apply every S optimisation steps, at steps S-1, 2S-1, ... (the reference fires once per run at S=500)."})
     spectral_reg_max_matrices: int = field(default=64, metadata={
         "help": "Random sample of expert matrices per application."})
+    mole_balance_alpha: float = field(default=0.5, metadata={
+        "help": "--method mole: weight of MoLE's gate balance loss -log prod_i q_i (the authors' 0.5)."})
 
     def validate(self, adapter_config: AdapterConfig) -> None:
         """Raise :class:`AdapterConfigError` naming the flag; cheap, run before any loading."""
         if self.spectral_reg_form not in SPECTRAL_PENALTIES:
             raise AdapterConfigError(f"--spectral_reg_form: expected one of {', '.join(SPECTRAL_PENALTIES)}, "
                                      f"got {self.spectral_reg_form!r}")
-        for flag, value in (("--blc_alpha", self.blc_alpha), ("--spectral_reg_lambda", self.spectral_reg_lambda)):
+        for flag, value in (("--blc_alpha", self.blc_alpha), ("--spectral_reg_lambda", self.spectral_reg_lambda),
+                            ("--mole_balance_alpha", self.mole_balance_alpha)):
             if value < 0:
                 raise AdapterConfigError(f"{flag} must be >= 0, got {value}")
         for flag, value in (("--spectral_reg_steps", self.spectral_reg_steps),

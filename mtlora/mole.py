@@ -22,13 +22,13 @@ BOS) do not decide the gate alone. The paper's learnable temperature is not used
 paper's gate over the concatenated per-LoRA block outputs is not implemented.
 
 The LoRA factors are stacked, A (N, r, d_in) and B (N, d_out, r), and mixed in two GEMMs
-(:func:`mtlora.experts.gated_lora_mix`). They are non-persistent buffers: a MoLE checkpoint holds only the
-gates plus the library's paths, and the adapter state dict (``.adapter.`` names) is exactly the gate weights.
+(:func:`mtlora.experts.gated_lora_mix`). They are non-persistent buffers: a MoLE checkpoint (train.py ``--method mole --lora_library ...``)
+holds the gates and an adapter_config.json naming the library, and the adapter state dict (``.adapter.``
+names) is exactly the gate weights.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -37,15 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlora.checkpoint import ADAPTER_WEIGHTS, load_adapter_weights, save_adapter_weights
 from mtlora.config import AdapterConfig
 from mtlora.errors import InvalidInput
 from mtlora.experts import gated_lora_mix
-from mtlora.injection import ADAPTER_NAME, adapter_state_dict, find_decoder_layers, install_adapter
-from mtlora.library import check_library_fits, check_lora_configs, lora_factors, read_lora_modules
+from mtlora.injection import ADAPTER_NAME, adapter_state_dict, find_decoder_layers, install_adapter, track_hook
+from mtlora.library import check_library_fits, lora_factors, read_lora_modules
 from mtlora.training_data import IGNORE_INDEX
 
-MOLE_CONFIG = "mole_config.json"
 # The authors' settings for NLP tasks (paper, section 4 / appendix).
 MOLE_BALANCE_ALPHA = 0.5
 MOLE_LEARNING_RATE = 1e-5
@@ -180,10 +178,10 @@ def attach_mole(model: nn.Module, lora_library: Sequence[str | Path]) -> Adapter
         layer = layers[index]
         gate = MoleGate(model.config.hidden_size, len(modules))
         layer.add_module(ADAPTER_NAME, gate.to(device=next(layer.parameters()).device).train(layer.training))
-        layer.register_forward_pre_hook(partial(_gate_layer, loras=loras), with_kwargs=True)
+        track_hook(gate, layer.register_forward_pre_hook(partial(_gate_layer, loras=loras), with_kwargs=True))
         gates.append(gate)
-    model.register_forward_pre_hook(partial(_prepare_gates, gates=gates), with_kwargs=True)
-    model.register_forward_hook(partial(_release_gates, gates=gates), with_kwargs=True)
+    track_hook(gates[0], model.register_forward_pre_hook(partial(_prepare_gates, gates=gates), with_kwargs=True))
+    track_hook(gates[0], model.register_forward_hook(partial(_release_gates, gates=gates), with_kwargs=True))
     return config
 
 
@@ -203,31 +201,3 @@ def mole_balance_loss(model: nn.Module) -> torch.Tensor | None:
     """The balance loss of the last training forward (None when no gate recorded one)."""
     records = [gate.record for gate in mole_gates(model) if gate.record is not None]
     return gate_balance_loss(records) if records else None
-
-
-# -------------------------------------------------------------------------------------- save and load
-
-def save_mole(model: nn.Module, lora_library: Sequence[str | Path], output_dir: str | Path) -> Path:
-    """Write the gate weights (``adapter_model.safetensors``) and the library's paths (``mole_config.json``)."""
-    output_dir = save_adapter_weights(model, output_dir)
-    library = [str(Path(path).resolve()) for path in lora_library]
-    (output_dir / MOLE_CONFIG).write_text(json.dumps({"method": "mole", "lora_library": library}, indent=2) + "\n")
-    return output_dir
-
-
-def is_mole_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / MOLE_CONFIG).is_file() and (Path(path) / ADAPTER_WEIGHTS).is_file()
-
-
-def read_mole_library(checkpoint_dir: str | Path) -> list[str]:
-    """The LoRA library a MoLE checkpoint gates, checked (configs only) to still be a compatible library."""
-    library = json.loads((Path(checkpoint_dir) / MOLE_CONFIG).read_text())["lora_library"]
-    check_lora_configs(library)
-    return library
-
-
-def load_mole(model: nn.Module, checkpoint_dir: str | Path) -> AdapterConfig:
-    """Attach the checkpoint's LoRA library and gates to ``model`` and load the gate weights, strictly."""
-    config = attach_mole(model, read_mole_library(checkpoint_dir))
-    load_adapter_weights(model, checkpoint_dir)
-    return config

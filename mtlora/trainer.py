@@ -17,6 +17,7 @@ from mtlora.checkpoint import load_adapter_weights, save_adapter
 from mtlora.config import AdapterConfig
 from mtlora.injection import set_task_ids
 from mtlora.losses import AuxiliaryLosses, balance_loss, clear_routing_records, spectral_loss
+from mtlora.mole import mole_balance_loss
 
 
 class AdapterTrainer(Trainer):
@@ -51,6 +52,11 @@ class AdapterTrainer(Trainer):
             if blc is not None:
                 self._record("balance_loss", blc)
                 total = total + self.aux_losses.blc_alpha * blc
+        if self.adapter_config.is_mole:
+            gate_balance = mole_balance_loss(model)
+            if gate_balance is not None:
+                self._record("mole_balance_loss", gate_balance)
+                total = total + self.aux_losses.mole_balance_alpha * gate_balance
         if self.aux_losses.enable_spectral_reg and self._spectral_due():
             generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
             spectral = spectral_loss(model, self.aux_losses.spectral_reg_form,

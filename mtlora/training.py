@@ -16,6 +16,7 @@ from mtlora.checkpoint import save_adapter
 from mtlora.config import AdapterConfig
 from mtlora.errors import InvalidInput, MissingInput
 from mtlora.injection import attach_adapters, find_decoder_layers
+from mtlora.library import resolve_lora_checkpoints
 from mtlora.loading import build_meta_model, load_base_model, load_tokenizer
 from mtlora.losses import AuxiliaryLosses
 from mtlora.params import count_parameters, format_parameter_count
@@ -75,6 +76,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     adapter_config.validate()
     aux_losses.validate(adapter_config)
     check_distributed_support(aux_losses, training_args)
+    if adapter_config.is_mole:  # absolute paths: the checkpoint's config names the library wherever it is read
+        adapter_config.lora_library = [str(Path(p).resolve())
+                                       for p in resolve_lora_checkpoints(",".join(adapter_config.lora_library))]
     if data_args.data_path is None:
         raise InvalidInput("--data_path is required for training (a JSON/JSONL file of instruction records)")
     if data_args.max_seq_length < 8:

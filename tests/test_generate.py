@@ -9,7 +9,10 @@ import torch
 
 import generate
 import mtlora.loading
-from mtlora.mole import attach_mole, mole_gates, save_mole
+from mtlora.checkpoint import save_adapter
+from mtlora.config import AdapterConfig
+from mtlora.injection import attach_adapters
+from mtlora.mole import mole_gates
 from tests.helpers import tiny_llama, write_lora_checkpoint, write_tiny_model_folder
 
 RECORDS = [
@@ -27,11 +30,10 @@ def setup(tmp_path_factory):
     model = write_tiny_model_folder(root / "model")
     lora = write_lora_checkpoint(root / "lora", seed=1)
     library = [write_lora_checkpoint(root / f"library{i}", seed=10 + i) for i in range(3)]
-    gated = tiny_llama()
-    attach_mole(gated, library)
+    gated = attach_adapters(tiny_llama(), AdapterConfig(method="mole", lora_library=library))
     for gate in mole_gates(gated):
         torch.nn.init.normal_(gate.weight, std=3.0)
-    save_mole(gated, library, root / "mole")
+    save_adapter(gated, AdapterConfig(method="mole", lora_library=library), root / "mole")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     return {"root": root, "model": model, "lora": lora, "mole": str(root / "mole"), "prompts": str(prompts)}

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from mtlora.checkpoint import load_adapter_weights
+from mtlora.checkpoint import load_adapter, load_adapter_weights, save_adapter
 from mtlora.config import AdapterConfig
 from mtlora.injection import adapter_state_dict, attach_adapters
 from mtlora.loading import load_model_for_eval
-from mtlora.mole import (MOLE_BALANCE_ALPHA, attach_mole, gate_balance_loss, load_mole, mole_balance_loss, mole_gates,
-                         save_mole)
+from mtlora.mole import MOLE_BALANCE_ALPHA, attach_mole, gate_balance_loss, mole_balance_loss, mole_gates
 from mtlora.training_data import IGNORE_INDEX
 from tests.helpers import tiny_llama, write_lora_checkpoint, write_tiny_model_folder
 
@@ -131,9 +132,9 @@ def test_save_load_is_bit_identical_and_evaluation_loads_it(library, tmp_path):
     _randomize_gates(model)
     with torch.no_grad():
         expected = model(TOKENS).logits
-    save_mole(model, library, tmp_path / "mole")
+    save_adapter(model, AdapterConfig(method="mole", lora_library=library), tmp_path / "mole")
     reloaded = tiny_llama()
-    load_mole(reloaded, tmp_path / "mole")
+    load_adapter(reloaded, tmp_path / "mole")
     with torch.no_grad():
         assert torch.equal(reloaded(TOKENS).logits, expected)
     folder = write_tiny_model_folder(tmp_path / "base")
@@ -158,3 +159,22 @@ def test_gradient_checkpointing_gives_the_same_gate_gradients(library):
     for plain, checkpointed in zip(*grads):
         assert plain.abs().sum() > 0
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_train_py_trains_mole_gates_and_the_checkpoint_reloads(library, tiny_model_dir, multitask_records, tmp_path):
+    from train import main as train_main
+
+    library_dir = tmp_path / "library"
+    library_dir.mkdir()
+    for index, path in enumerate(library):  # a folder of checkpoints, as the table runner passes it
+        (library_dir / f"task{index}").symlink_to(path)
+    out = tmp_path / "mole"
+    train_main(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(multitask_records), "--method", "mole",
+                "--lora_library", str(library_dir), "--output_dir", str(out), "--max_steps", "3",
+                "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--use_cpu", "--logging_steps", "1"])
+    config = AdapterConfig.load(out / "adapter_config.json")
+    assert config.is_mole and len(config.lora_library) == 3 and all(Path(p).is_absolute() for p in config.lora_library)
+    logged = json.loads((out / "train_summary.json").read_text())["log_history"]
+    assert any("mole_balance_loss" in entry for entry in logged)
+    model, _ = load_model_for_eval(str(tiny_model_dir), str(out))
+    assert set(adapter_state_dict(model)) == {f"model.layers.{i}.adapter.weight" for i in range(2)}
