@@ -19,9 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_dirs(results_dir: Path) -> dict[str, str]:
-    """Row key -> run directory, from the Table 2 results."""
+    """Row key -> run directory of its first seed, from the Table 2 results."""
     table = json.loads((results_dir / "main_ablation.json").read_text())
-    return {row["key"]: row["run_dir"] for row in table["rows"] if row["key"] != "base"}
+    first = {}
+    for run in table["per_seed"]:
+        if run["key"] != "base":
+            first.setdefault(run["key"], run["run_dir"])
+    return first
 
 
 def main(argv=None) -> None:

@@ -30,6 +30,9 @@ class DataArguments:
     data_path: str | None = field(default=None, metadata={
         "help": "Training records, JSON list or JSONL: instruction, input, output, task_type."})
     max_seq_length: int = field(default=512, metadata={"help": "Maximum tokens per training sequence."})
+    train_per_task: bool = field(default=False, metadata={
+        "help": "Train one adapter per task_type into <output_dir>/<task>/ (the per-task LoRA library of the merge "
+                "and MoLE baselines): each a run of its own on that task's records, with the same flags and seed."})
 
 
 @dataclass

@@ -7,6 +7,7 @@ resumed when they match. They are cheap: files are hashed by content (data) or b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -34,6 +35,20 @@ def folder_fingerprint(folder: str | Path, pattern: str = "*") -> str:
     for path in sorted(p for p in folder.rglob(pattern) if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + file_fingerprint(path).encode())
     return digest.hexdigest()
+
+
+def data_fingerprint(path: str | Path | None) -> str | None:
+    """Content hash of a data file or folder (None for no path), computed once while it is unchanged."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    stamp = max(p.stat().st_mtime_ns for p in path.rglob("*")) if path.is_dir() else path.stat().st_mtime_ns
+    return _data_fingerprint(str(path), stamp)
+
+
+@functools.lru_cache(maxsize=None)
+def _data_fingerprint(path: str, stamp: int) -> str:
+    return folder_fingerprint(path) if Path(path).is_dir() else file_fingerprint(path)
 
 
 def model_fingerprint(model_name_or_path: str | None) -> dict:

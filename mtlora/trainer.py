@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from mtlora.checkpoint import load_adapter_weights, save_adapter
+from mtlora.evaluation.reporting import write_json
 from mtlora.config import AdapterConfig
 from mtlora.injection import set_task_ids
 from mtlora.losses import AuxiliaryLosses, balance_loss, clear_routing_records, spectral_loss
@@ -97,3 +99,22 @@ class AdapterTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_adapter_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+
+PROGRESS_FILE = "progress.json"
+
+
+def write_progress(folder: str | Path, what: str, done: int, total: int) -> None:
+    """A run's progress for whoever watches it (the table runner shows it on the console)."""
+    write_json(Path(folder) / PROGRESS_FILE, {"what": what, "done": done, "total": total})
+
+
+class ProgressFile(TrainerCallback):
+    """Writes the optimisation step and the total to ``<output_dir>/progress.json`` (main process only)."""
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = output_dir
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_progress(self.output_dir, "step", state.global_step, state.max_steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -12,15 +13,15 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from mtlora.arguments import AdapterTrainingArguments, DataArguments, ModelArguments
-from mtlora.checkpoint import save_adapter
+from mtlora.checkpoint import is_adapter_checkpoint, save_adapter
 from mtlora.config import AdapterConfig
 from mtlora.errors import InvalidInput, MissingInput
-from mtlora.injection import attach_adapters, find_decoder_layers
+from mtlora.injection import attach_adapters, detach_adapters, find_decoder_layers
 from mtlora.library import resolve_lora_checkpoints
 from mtlora.loading import build_meta_model, load_base_model, load_tokenizer
 from mtlora.losses import AuxiliaryLosses
 from mtlora.params import count_parameters, format_parameter_count
-from mtlora.trainer import AdapterTrainer
+from mtlora.trainer import AdapterTrainer, ProgressFile, write_progress
 from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records, task_labels
 
 
@@ -87,13 +88,26 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     adapter_config.task_names = task_labels(records)
     # Every check that needs the model's shapes (target names, group sizes), on the architecture alone.
     attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config)
+    if data_args.train_per_task:
+        return train_task_library(model_args, data_args, adapter_config, aux_losses, training_args, records, callbacks)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length, adapter_config.task_names)
+    return train_adapter(load_model(model_args, training_args), tokenizer, records, model_args, data_args,
+                         adapter_config, aux_losses, training_args, resume, callbacks)
+
+
+def load_model(model_args: ModelArguments, training_args: AdapterTrainingArguments):
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    return load_base_model(model_args.model_name_or_path, dtype=dtype)
+
+
+def train_adapter(base_model, tokenizer, records: list[dict], model_args: ModelArguments, data_args: DataArguments,
+                  adapter_config: AdapterConfig, aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments,
+                  resume: str | None = None, callbacks: list | None = None) -> dict:
+    """Attach adapters to ``base_model``, train them on ``records``, save them in --output_dir; returns the summary."""
+    dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length, adapter_config.task_names)
     set_seed(training_args.seed)  # adapter and router initialisation is part of the run's seeded state
-    model = attach_adapters(load_base_model(model_args.model_name_or_path, dtype=dtype), adapter_config)
+    model = attach_adapters(base_model, adapter_config)
     if model_args.compile_layers:
         compile_decoder_layers(model)
     trainable, total = count_parameters(model)
@@ -102,7 +116,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
 
     trainer = AdapterTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=callbacks,
+        data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[ProgressFile(training_args.output_dir),
+                                                                          *(callbacks or [])],
         adapter_config=adapter_config, aux_losses=aux_losses,
     )
     started = time.perf_counter()
@@ -119,4 +134,34 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     }
     if trainer.args.should_save:
         Path(training_args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def train_task_library(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
+                       aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments, records: list[dict],
+                       callbacks: list | None = None) -> dict:
+    """``--train_per_task``: one adapter per task label into ``<output_dir>/<task>/``, each trained as its own run
+    (same flags and seed) on that task's records; the base model is loaded once; finished tasks are skipped."""
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    base_model = load_model(model_args, training_args)
+    summaries = {}
+    for index, task in enumerate(adapter_config.task_names):
+        output_dir = Path(training_args.output_dir) / task
+        write_progress(training_args.output_dir, f"task {task}", index, len(adapter_config.task_names))
+        if is_adapter_checkpoint(output_dir) and (output_dir / "train_summary.json").is_file():
+            summaries[task] = json.loads((output_dir / "train_summary.json").read_text())
+            continue
+        task_args = copy.deepcopy(training_args)
+        task_args.output_dir = str(output_dir)
+        config = dataclasses.replace(adapter_config)
+        config.task_names = [task]
+        summaries[task] = train_adapter(base_model, tokenizer, [r for r in records if r["task_type"] == task],
+                                        model_args, data_args, config, aux_losses, task_args,
+                                        resolve_resume(training_args.resume_from_checkpoint, str(output_dir)), callbacks)
+        detach_adapters(base_model)
+    summary = {"tasks": {t: {k: s[k] for k in ("train_examples", "global_step", "train_loss", "train_seconds",
+                                                 "trainable_params")} for t, s in summaries.items()},
+               "train_seconds": sum(s["train_seconds"] for s in summaries.values())}
+    if training_args.should_save:
+        Path(training_args.output_dir, "library_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Table S7: the ablation on LLaMA-2-13B
+# Table S7: HydraLoRA vs mtLoRA on LLaMA-2-13B (Dolly -> MMLU; paper scale only)
 # Usage: bash tables/3_llama13b.sh [--scale small|paper] [--model_name_or_path PATH] [--num_gpus N] [--rows KEY ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."

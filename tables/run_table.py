@@ -27,6 +27,12 @@ def main(argv=None) -> None:
                         help="where runs and tables go (results/ holds the reference results committed to the repo)")
     parser.add_argument("--rows", nargs="+", default=None, help="only these row keys")
     parser.add_argument("--no_base", action="store_true", help="skip the base-model (no adapter) row")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="training seeds of every trained row (default: the scale's, 42 43 44: the paper reports "
+                             "the mean +- std of 3 seeds)")
+    parser.add_argument("--assemble_only", action="store_true",
+                        help="train and evaluate nothing: tabulate the runs that have finished (e.g. copied back "
+                             "from other machines)")
     parser.add_argument("--bbh_dir", default=default_data_dir("bbh"))
     parser.add_argument("--mmlu_dir", default=default_data_dir("mmlu"))
     args = parser.parse_args(argv)
@@ -36,9 +42,13 @@ def main(argv=None) -> None:
         if unknown:
             parser.error(f"--rows: unknown {sorted(unknown)}; rows of {args.table}: {', '.join(r.key for r in table.rows)}")
     model = args.model_name_or_path or (table.paper_model if args.scale == "paper" else scale.model_name_or_path)
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds: repeated seeds {args.seeds}")
     settings = RunSettings(model_name_or_path=model, num_gpus=args.num_gpus, results_dir=Path(args.results_dir),
-                           bbh_dir=args.bbh_dir, mmlu_dir=args.mmlu_dir, use_cuda=torch.cuda.is_available())
-    run_table(args.table, args.scale, settings, only_rows=args.rows, with_base=not args.no_base)
+                           bbh_dir=args.bbh_dir, mmlu_dir=args.mmlu_dir, use_cuda=torch.cuda.is_available(),
+                           seeds=tuple(args.seeds or scale.seeds))
+    run_table(args.table, args.scale, settings, only_rows=args.rows, with_base=not args.no_base,
+              assemble_only=args.assemble_only)
 
 
 if __name__ == "__main__":

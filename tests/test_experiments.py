@@ -1,24 +1,120 @@
-"""The table runner end to end on a tiny model: trains, evaluates, tabulates, and skips finished rows."""
+"""The experiment registry and the table runner: flags per row, run identity, seeds, statistics, end to end."""
 
 import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mtlora.experiments import registry
+from mtlora.experiments.jobs import Job, RunSettings, as_cli
 from mtlora.experiments.registry import SCALES, TABLES, Track
-from mtlora.experiments.runner import RunSettings, as_cli, run_table, train_flags
-from tests.helpers import write_multitask_records
+from mtlora.experiments.runner import plan_jobs, run_table, task_count_tracks
+from mtlora.experiments.statistics import mean_std, paired_bootstrap, verdict
+from tests.helpers import write_multitask_records, write_tiny_model_folder
+
+
+def _job(table: str, key: str, scale: str = "paper", track: int = 0, seed: int = 42, **settings) -> Job:
+    values = dict(model_name_or_path=None, num_gpus=1, results_dir=Path("/tmp/r"), bbh_dir=".", mmlu_dir=".",
+                  use_cuda=True)
+    values.update(settings)
+    row = {r.key: r for r in TABLES[table].rows}[key]
+    return Job(RunSettings(**values), SCALES[scale], TABLES[table], SCALES[scale].tracks[track], row, seed)
 
 
 def test_registry_rows_give_the_paper_flags():
-    full = {r.key: r for r in TABLES["main_ablation"].rows}["mtlora"]
-    flags = train_flags(full, SCALES["paper"].tracks[0], hidden_size=4096)
-    assert flags["routing_group_size"] == 2048 and flags["spectral_reg_steps"] == 500 and flags["enable_blc"]
-    assert [train_flags(r, SCALES["paper"].tracks[1], 4096)["routing_group_size"]
-            for r in TABLES["routing_granularity"].rows] == [4096, 2048, 512, 256, 128]
-    assert as_cli({"enable_blc": True, "lora_rank": 16, "x": None, "y": False}) == ["--enable_blc", "--lora_rank", "16"]
+    full = _job("main_ablation", "mtlora").train_flags
+    assert full["routing_groups"] == 2 and full["spectral_reg_steps"] == 500 and full["enable_blc"]
+    assert _job("main_ablation", "mtlora", track=1).train_flags["spectral_reg_lambda"] == 0.5  # Dolly -> MMLU
+    # Table 3 as the paper states it: component level (q_proj, v_proj), g groups; g = 1 is the HydraLoRA baseline
+    granularity = [_job("routing_granularity", r.key).train_flags for r in TABLES["routing_granularity"].rows]
+    assert granularity[0] == TABLES["main_ablation"].rows[0].flags
+    assert [f.get("routing_groups") for f in granularity] == [None, 2, 8, 16, 32]
+    assert not any(f.get("enable_block_adapter") for f in granularity)
+    assert all(r.flags["enable_block_adapter"] for r in TABLES["routing_granularity_block"].rows)
+    assert _job("main_ablation", "baseline").training["gradient_accumulation_steps"] == 2  # 16 x 2 = 32
+    assert _job("main_ablation", "baseline", num_gpus=2).training["gradient_accumulation_steps"] == 1
+    assert as_cli({"enable_blc": True, "lora_rank": 16, "x": None, "y": False, "t": ["q", "v"]}) == [
+        "--enable_blc", "--lora_rank", "16", "--t", "q", "v"]
+
+
+def test_paper_numbers_are_the_sheet_s():
+    ablation = {r.key: r.paper for r in TABLES["main_ablation"].rows}
+    assert ablation["baseline"]["bbh"] == (35.5, 1.7) and ablation["mtlora"]["mmlu"] == (44.5, 0.3)
+    assert [ablation[k]["time"] for k in ("baseline", "block", "block_spectral", "block_fgr", "mtlora")] == [
+        1.00, 0.67, 0.70, 0.69, 0.76]
+    s7 = {r.key: r.paper for r in TABLES["llama13b"].rows}
+    assert s7 == {"baseline": {"mmlu": 51.1, "params": "117.9M", "time": 1.00},
+                  "mtlora": {"mmlu": 51.9, "params": "88.5M", "time": 0.73}}
+    assert TABLES["llama13b"].tracks == ("dolly_mmlu",) and "13b" in TABLES["llama13b"].paper_model
+
+
+def test_run_identity_holds_model_data_flags_and_seed(tmp_path):
+    models = [write_tiny_model_folder(tmp_path / name, seed=i) for i, name in enumerate(("a", "b"))]
+    data = write_multitask_records(tmp_path / "train.jsonl")
+    track = Track("toy", str(data), ("heldout",), 2, 1.0, heldout_data=str(data))
+    scale = replace(SCALES["small"], tracks=(track,))
+
+    def run_dir(model, seed=1, key="baseline", **changes):
+        settings = RunSettings(model, 1, tmp_path / "r", ".", ".", False)
+        row = replace({r.key: r for r in TABLES["main_ablation"].rows}[key], **changes)
+        return Job(settings, scale, TABLES["main_ablation"], track, row, seed).run_dir
+
+    first = run_dir(models[0])
+    assert first == run_dir(models[0]) and first.name.startswith("baseline-s1-")
+    assert run_dir(models[1]) != first  # same flags, another model: another run
+    assert run_dir(models[0], seed=2) != first
+    assert run_dir(models[0], flags={"method": "hydralora"}) != first  # the balance loss off
+    write_multitask_records(data, count=12)
+    assert run_dir(models[0]) != first  # the data changed
+
+
+def test_plan_puts_a_row_s_dependencies_first_and_runs_the_base_once():
+    settings = RunSettings(None, 1, Path("/tmp/r"), ".", ".", True, seeds=(1, 2))
+    scale, table = SCALES["small"], TABLES["main_results"]
+    jobs = plan_jobs(table, scale, list(scale.tracks), settings, list(table.rows), with_base=True)
+    kinds = [(j.kind, j.row.key, j.seed) for j in jobs]
+    assert kinds.count(("base", "base", 1)) == 1 and not any(k[0] == "base" and k[2] == 2 for k in kinds)
+    for job in jobs:
+        if job.depends_on is not None:
+            assert jobs.index(job.depends_on) < jobs.index(job)
+            assert job.depends_on.kind == "library" and job.depends_on.seed == job.seed
+    assert {j.row.key for j in jobs if j.row.needs_library} == {"task_arithmetic", "ties", "dare_linear", "dare_ties",
+                                                                 "lorahub", "mole"}
+
+
+def test_task_count_tracks_give_every_task_the_same_examples(tmp_path, monkeypatch):
+    records = [{"instruction": f"{t} {i}", "input": "", "output": "x", "task_type": t}
+               for t in ("a", "b", "c", "d") for i in range(6 if t != "c" else 3)]
+    data = tmp_path / "pool.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    scale = replace(SCALES["small"], tracks=(Track("pool", str(data), ("heldout",), 2, 1.0, heldout_data=str(data)),),
+                    task_counts=(1, 3), task_count_examples=4)
+    settings = RunSettings(None, 1, tmp_path / "r", ".", ".", False)
+    tracks = task_count_tracks(scale, settings)
+    assert [t.name for t in tracks] == ["tasks1", "tasks3"]
+    three = [json.loads(line) for line in Path(tracks[1].train_data).read_text().splitlines()]
+    assert sorted({r["task_type"] for r in three}) == ["a", "b", "d"]  # c has too few examples
+    assert all(sum(r["task_type"] == t for r in three) == 4 for t in ("a", "b", "d"))
+    with pytest.raises(SystemExit, match="task count 5 exceeds the 3 tasks with at least 4"):
+        task_count_tracks(replace(scale, task_counts=(5,)), settings)
+
+
+def test_bootstrap_interval_and_verdicts_on_known_cases():
+    rng = np.random.default_rng(0)
+    baseline = rng.integers(0, 2, (3, 400)).astype(float)
+    better = np.maximum(baseline, rng.integers(0, 2, (3, 400)) * (rng.random((3, 400)) < 0.4))
+    result = paired_bootstrap(better, baseline, groups=np.repeat(np.arange(4), 100), seed=1)
+    exact = float((better - baseline).reshape(3, 4, 100).mean(-1).mean())
+    assert result["difference"] == pytest.approx(exact) and result["low"] < exact < result["high"]
+    assert result["low"] > 0 and result["verdict"] == "supported"
+    same = paired_bootstrap(baseline, baseline)
+    assert same["difference"] == same["low"] == same["high"] == 0 and same["verdict"] == "not supported"
+    assert paired_bootstrap(better, baseline, seed=1) == paired_bootstrap(better, baseline, seed=1)  # seeded
+    assert verdict(-0.03, -0.01) == "not supported" and verdict(-0.004, 0.004) == "not supported"
+    assert verdict(-0.01, 0.02) == "inconclusive" and verdict(0.001, 0.02) == "supported"
+    assert mean_std([0.1, 0.2, 0.3]) == (pytest.approx(0.2), pytest.approx(0.1)) and mean_std([0.5]) == (0.5, None)
 
 
 @pytest.fixture
@@ -31,7 +127,8 @@ def tiny_setup(tmp_path, monkeypatch, tiny_model_dir):
     bbh.mkdir()
     items = [{"input": f"{a} + {b} =", "target": str(a + b)} for a in range(3) for b in range(2)]
     (bbh / "toy_sums.json").write_text(json.dumps(items))
-    track = Track("toy", str(data / "train.jsonl"), ("heldout", "bbh"), 2, 1.0, heldout_data=str(data / "eval.jsonl"))
+    track = Track("toy", str(data / "train.jsonl"), ("heldout", "bbh"), 2, 1.0, heldout_data=str(data / "eval.jsonl"),
+                  prepare="bash scripts/prepare_small_data.sh")
     scale = replace(SCALES["small"], name="tiny", tracks=(track,), effective_batch_size=8,
                     training={"per_device_train_batch_size": 8, "num_train_epochs": 1, "max_seq_length": 48,
                               "learning_rate": 1e-3, "save_steps": 100},
@@ -39,35 +136,48 @@ def tiny_setup(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setitem(registry.SCALES, "tiny", scale)
     monkeypatch.setitem(TABLES, "main_ablation", replace(TABLES["main_ablation"], scales=("tiny",)))
     return RunSettings(model_name_or_path=str(tiny_model_dir), num_gpus=1, results_dir=tmp_path / "results",
-                       bbh_dir=str(bbh), mmlu_dir=str(bbh), use_cuda=False)
+                       bbh_dir=str(bbh), mmlu_dir=str(bbh), use_cuda=False, seeds=(1, 2))
 
 
-def test_run_table_trains_evaluates_and_skips_finished_rows(tiny_setup):
+@pytest.mark.slow
+def test_run_table_trains_every_seed_aggregates_and_resumes(tiny_setup):
     output = run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline", "mtlora"])
     rows = {r["key"]: r for r in output["rows"]}
-    assert set(rows) == {"base", "baseline", "mtlora"}
+    assert set(rows) == {"base", "baseline", "mtlora"} and len(output["per_seed"]) == 5
     for key in ("baseline", "mtlora"):
-        assert rows[key]["trainable_params"] > 0 and 0 <= rows[key]["heldout_exact"] <= 1
-        assert 0 <= rows[key]["bbh_lenient"] <= 1
-    assert "trainable_params" not in rows["base"] and 0 <= rows["base"]["heldout_exact"] <= 1
+        assert rows[key]["seeds"] == [1, 2] and rows[key]["trainable_params"] > 0
+        values = rows[key]["heldout"]["values"]
+        assert len(values) == 2 and rows[key]["heldout"]["mean"] == pytest.approx(sum(values) / 2)
+        assert 0 <= rows[key]["bbh"]["mean"] <= 1 and rows[key]["gpu_minutes"] > 0
+    assert rows["base"]["seeds"] == [1] and rows["base"]["heldout"]["std"] is None
+    versus = rows["mtlora"]["versus_baseline"]
+    assert set(versus) == {"heldout", "bbh"} and versus["bbh"]["seeds"] == 2 and versus["bbh"]["items"] == 2
     table_md = (tiny_setup.results_dir / "tiny" / "main_ablation.md").read_text()
-    assert "+ block + spectral" not in table_md and "mtLoRA" in table_md and "44.5" in table_md
-    logs = {key: Path(rows[key]["run_dir"], "train.log").read_text() for key in ("baseline", "mtlora")}
-    run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline", "mtlora"])
-    assert logs == {key: Path(rows[key]["run_dir"], "train.log").read_text() for key in ("baseline", "mtlora")}
+    assert "+ block + spectral" not in table_md and "44.5 ± 0.3" in table_md and "GPU-minutes" in table_md
 
-    # a run whose adapter is gone is trained again, and its old evaluation is not reused
-    baseline_dir = Path(rows["baseline"]["run_dir"])
-    (baseline_dir / "adapter_model.safetensors").unlink()
-    stale = baseline_dir / "eval" / "heldout" / "summary.json"
-    stale.write_text(json.dumps({**json.loads(stale.read_text()), "average": {"exact": 9.0, "lenient": 9.0}}))
-    again = {r["key"]: r for r in run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline"])["rows"]}
-    assert again["baseline"]["heldout_exact"] <= 1
+    # a second run does nothing: every job's folder and evaluation are found
+    run_dirs = [Path(r["run_dir"]) for r in output["per_seed"]]
+    logs = {d: (d / "train.log").read_text() for d in run_dirs if (d / "train.log").is_file()}
+    again = run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline", "mtlora"])
+    assert {d: (d / "train.log").read_text() for d in logs} == logs and again["rows"] == output["rows"]
+
+    # an evaluation made on other data is not reused; a killed run's evaluation is redone after retraining
+    baseline_dir = next(Path(r["run_dir"]) for r in output["per_seed"] if r["key"] == "baseline")
+    identity = baseline_dir / "eval" / "heldout" / "identity.json"
+    identity.write_text(json.dumps({**json.loads(identity.read_text()), "data": "other"}))
+    (baseline_dir / "eval" / "heldout" / "summary.json").write_text(json.dumps({"average": {"exact": 9.0}}))
+    third = run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline"], with_base=False)
+    assert all(0 <= v <= 1 for v in third["rows"][0]["heldout"]["values"])
+
+    # --assemble_only tabulates what has finished, without training or evaluating
+    assembled = run_table("main_ablation", "tiny", replace(tiny_setup, seeds=(1, 2, 3)), only_rows=["baseline"],
+                          with_base=False, assemble_only=True)
+    assert assembled["rows"][0]["seeds"] == [1, 2, 3] and len(assembled["rows"][0]["heldout"]["values"]) == 2
 
 
 def test_missing_training_data_is_reported_with_the_prepare_command(tiny_setup, tmp_path):
     scale = registry.SCALES["tiny"]
-    registry.SCALES["tiny"] = replace(scale, tracks=(replace(scale.tracks[0], train_data=str(tmp_path / "bigbench.jsonl")),))
+    registry.SCALES["tiny"] = replace(scale, tracks=(replace(scale.tracks[0], train_data=str(tmp_path / "pool.jsonl")),))
     with pytest.raises(SystemExit, match="is missing; prepare it with: bash scripts/prepare_small_data.sh"):
         run_table("main_ablation", "tiny", tiny_setup)
 

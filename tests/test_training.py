@@ -173,3 +173,21 @@ def test_compiled_decoder_layers_match_eager_loss_and_gradients():
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = loss_and_grads(False), loss_and_grads(True)
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     assert (compiled_grads - eager_grads).norm() / eager_grads.norm() < 1e-4
+
+
+def test_train_per_task_writes_a_library_the_merges_read(tiny_model_dir, multitask_records, tmp_path):
+    from mtlora.library import resolve_lora_checkpoints
+
+    model_args, data_args, _, _, training = _args(tiny_model_dir, multitask_records, tmp_path / "library", max_steps=2)
+    data_args.train_per_task = True
+    losses = AuxiliaryLosses()
+    summary = run_training(model_args, data_args, AdapterConfig(method="lora", lora_rank=4), losses, training)
+    assert sorted(summary["tasks"]) == ["first", "reverse", "upper"]
+    assert all(task["train_examples"] == 32 and task["global_step"] == 2 for task in summary["tasks"].values())
+    checkpoints = resolve_lora_checkpoints(str(tmp_path / "library"))
+    assert [Path(c).name for c in checkpoints] == ["first", "reverse", "upper"]
+    assert AdapterConfig.load(Path(checkpoints[0]) / "adapter_config.json").task_names == ["first"]
+    weights = (tmp_path / "library" / "first" / "adapter_model.safetensors").read_bytes()
+    again = run_training(model_args, data_args, AdapterConfig(method="lora", lora_rank=4), losses, training)
+    assert again["tasks"] == summary["tasks"]  # finished tasks are skipped
+    assert (tmp_path / "library" / "first" / "adapter_model.safetensors").read_bytes() == weights

