@@ -37,6 +37,9 @@ class AdapterTrainingArguments(TrainingArguments):
     """TrainingArguments with the paper's defaults (AdamW, lr 2e-4, linear decay, no warm-up, clip 1.0)."""
 
     output_dir: str = field(default="outputs/run")
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Delete the run already in --output_dir (its checkpoints, adapter, summary) and start over; without "
+                "it, a folder holding another run is refused and one holding this run needs --resume_from_checkpoint."})
     learning_rate: float = 2e-4
     per_device_train_batch_size: int = 16
     num_train_epochs: float = 1.0

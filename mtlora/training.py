@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from mtlora.arguments import AdapterTrainingArguments, DataArguments, ModelArguments
 from mtlora.checkpoint import save_adapter
-from mtlora.config import AdapterConfig
+from mtlora.config import AdapterConfig, warn_ignored
 from mtlora.errors import InvalidInput, MissingInput
 from mtlora.injection import attach_adapters, find_decoder_layers
 from mtlora.loading import build_meta_model, load_base_model, load_tokenizer
 from mtlora.losses import AuxiliaryLosses
 from mtlora.params import count_parameters, format_parameter_count
+from mtlora.run_folder import TRAIN_SUMMARY, claim_output_dir, resolve_resume, run_identity
 from mtlora.trainer import AdapterTrainer
 from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records, task_labels
 
@@ -34,19 +34,11 @@ def compile_decoder_layers(model) -> None:
 
 def count_only(model_args: ModelArguments, adapter_config: AdapterConfig) -> int:
     """Attach adapters to a meta-device model and print ``trainable params: N``."""
-    model = attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config)
+    warn_ignored(adapter_config.ignored_flags())
+    model = attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config.effective())
     trainable, total = count_parameters(model)
     print(format_parameter_count(trainable, total))
     return trainable
-
-
-def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
-    """``last`` (or ``true``) means the newest checkpoint in --output_dir, if there is one."""
-    if resume_from_checkpoint is None or resume_from_checkpoint.lower() not in ("last", "true"):
-        if resume_from_checkpoint and not Path(resume_from_checkpoint).is_dir():
-            raise MissingInput(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
-        return resume_from_checkpoint
-    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
 
 
 def deepspeed_zero_stage(training_args: AdapterTrainingArguments) -> int | None:
@@ -74,6 +66,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     """Train adapters and save them in --output_dir; returns the run summary (also written as JSON)."""
     adapter_config.validate()
     aux_losses.validate(adapter_config)
+    ignored_flags = adapter_config.ignored_flags() + aux_losses.ignored_flags()
+    warn_ignored(ignored_flags)
+    adapter_config, aux_settings = adapter_config.effective(), aux_losses.effective()  # what the run records
     check_distributed_support(aux_losses, training_args)
     if data_args.data_path is None:
         raise InvalidInput("--data_path is required for training (a JSON/JSONL file of instruction records)")
@@ -83,7 +78,13 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     adapter_config.task_names = task_labels(records)
     # Every check that needs the model's shapes (target names, group sizes), on the architecture alone.
     attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config)
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    identity = run_identity(model_args.model_name_or_path, data_args.data_path, data_args.max_seq_length,
+                            adapter_config, aux_settings, training_args)
+    with training_args.main_process_first(desc="claiming --output_dir"):
+        claim_output_dir(training_args.output_dir, identity, training_args.overwrite_output_dir,
+                         resuming=training_args.resume_from_checkpoint is not None, is_main=training_args.should_save)
+    resume, resumed_differences = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                                                 identity)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length, adapter_config.task_names)
@@ -99,20 +100,21 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     trainer = AdapterTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=callbacks,
-        adapter_config=adapter_config, aux_losses=aux_losses,
+        adapter_config=adapter_config, aux_losses=aux_losses, run_identity=identity,
     )
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
-    save_adapter(model, adapter_config, training_args.output_dir)
     summary = {
         "model": model_args.model_name_or_path, "adapter_config": adapter_config.to_dict(),
-        "auxiliary_losses": dataclasses.asdict(aux_losses),
+        "auxiliary_losses": aux_settings, "ignored_flags": ignored_flags,
         "trainable_params": trainable, "total_params": total, "train_examples": len(dataset),
         "truncated_examples": dataset.num_truncated, "resumed_from": resume,
+        "resumed_from_differences": resumed_differences,
         "global_step": result.global_step, "train_loss": result.training_loss,
         "train_seconds": time.perf_counter() - started, "metrics": result.metrics,
         "log_history": trainer.state.log_history,
     }
-    if trainer.args.should_save:
-        Path(training_args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if trainer.args.should_save:  # the summary first: the adapter's files mark the run as finished
+        Path(training_args.output_dir, TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        save_adapter(model, adapter_config, training_args.output_dir)
     return summary
