@@ -169,8 +169,9 @@ class AdapterConfig:
         check("routing_group_size", not self.enable_fine_grained_routing, "without --enable_fine_grained_routing")
         for name in ("block_adapter_type", "block_adapter_style", "block_adapter_rank"):
             check(name, not self.uses_block_adapter, "without --enable_block_adapter")
-        check("trainable", self.uses_block_adapter, "with --enable_block_adapter (block adapters replace them)")
-        check("lora_rank", self.uses_block_adapter and self.block_adapter_rank is not None,
+        check("trainable", self.uses_block_adapter and self.trainable != [],
+              "with --enable_block_adapter (block adapters replace them)")
+        check("lora_rank", self.uses_block_adapter and self.block_adapter_rank not in (None, self.lora_rank),
               "with --enable_block_adapter and --block_adapter_rank")
         return ignored
 
