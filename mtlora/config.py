@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,9 +207,11 @@ class AdapterConfig:
         unknown = set(values) - set(fields)
         if unknown:
             raise AdapterConfigError(f"{source}: unknown keys {sorted(unknown)}; expected some of {sorted(fields)}")
+        hints = typing.get_type_hints(cls)
         for name, value in values.items():
-            if not _has_type(value, fields[name].type):
-                raise AdapterConfigError(f"{source}: {name} must be {fields[name].type}, got {value!r}")
+            if not _has_type(value, hints[name]):
+                expected = getattr(hints[name], "__name__", str(hints[name]))
+                raise AdapterConfigError(f"{source}: {name} must be {expected}, got {value!r}")
         config = cls(**{k: v for k, v in values.items() if fields[k].init})
         config.task_names = list(values.get("task_names", []))
         return config
@@ -236,20 +240,20 @@ def _flag_value(value) -> str:
     return ",".join(value) if isinstance(value, list) else str(value)
 
 
-# The JSON types a saved config may hold for each field type (the annotations are strings here).
-_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "int | None": (int, type(None)),
-               "list[str]": (list,)}
-
-
-def _has_type(value, annotation: str) -> bool:
-    expected = _JSON_TYPES.get(annotation)
-    if expected is None:
-        return True
-    if isinstance(value, bool) and bool not in expected:
-        return False
-    if isinstance(value, list):
-        return list in expected and all(isinstance(item, str) for item in value)
-    return isinstance(value, expected)
+def _has_type(value, expected) -> bool:
+    """Whether a JSON value fits a field's type (int, float, bool, str, list[str], or X | None)."""
+    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    for option in options:
+        if typing.get_origin(option) is list:
+            item = typing.get_args(option)[0]
+            if isinstance(value, list) and all(isinstance(v, item) for v in value):
+                return True
+        elif option is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return True
+        elif isinstance(value, option) and not (isinstance(value, bool) and option is not bool):
+            return True
+    return False
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
