@@ -20,7 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_dirs(results_dir: Path) -> dict[str, str]:
     """Row key -> run directory, from the Table 2 results."""
-    table = json.loads((results_dir / "main_ablation.json").read_text())
+    path = results_dir / "main_ablation.json"
+    if not path.is_file():
+        raise SystemExit(f"error: --results_dir {results_dir}: no main_ablation.json; run "
+                         "`bash tables/0_main_ablation.sh --scale small` first")
+    table = json.loads(path.read_text())
     return {row["key"]: row["run_dir"] for row in table["rows"] if row["key"] != "base"}
 
 

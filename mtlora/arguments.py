@@ -7,10 +7,14 @@ train.py parses five dataclasses: the two below, :class:`mtlora.config.AdapterCo
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
+
+from mtlora.errors import MissingInput
 
 
 @dataclass
@@ -53,3 +57,10 @@ class AdapterTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = "none"
     gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(default_factory=lambda: {"use_reentrant": False})
     remove_unused_columns: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.deepspeed, str) and not Path(self.deepspeed).is_file():
+            raise MissingInput(f"--deepspeed {self.deepspeed}: no such file (e.g. configs/ds_zero2.json)")
+        if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
+            raise MissingInput("--deepspeed needs the deepspeed package: pip install --no-build-isolation deepspeed")
+        super().__post_init__()

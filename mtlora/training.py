@@ -15,7 +15,7 @@ from mtlora.checkpoint import save_adapter
 from mtlora.config import AdapterConfig, warn_ignored
 from mtlora.errors import InvalidInput, MissingInput
 from mtlora.injection import attach_adapters, find_decoder_layers
-from mtlora.loading import build_meta_model, load_base_model, load_tokenizer
+from mtlora.loading import build_meta_model, is_config_only, load_base_model, load_tokenizer, resolve_model_source
 from mtlora.losses import AuxiliaryLosses
 from mtlora.params import count_parameters, format_parameter_count
 from mtlora.run_folder import TRAIN_SUMMARY, claim_output_dir, resolve_resume, run_identity
@@ -60,12 +60,33 @@ def check_distributed_support(aux_losses: AuxiliaryLosses, training_args: Adapte
                          "partitions: use --deepspeed configs/ds_zero2.json or plain DDP")
 
 
+def check_training_arguments(training_args: AdapterTrainingArguments) -> None:
+    """The Trainer flags it would only reject (or silently accept) after the model is loaded."""
+    for flag, value, minimum in (("--per_device_train_batch_size", training_args.per_device_train_batch_size, 1),
+                                 ("--gradient_accumulation_steps", training_args.gradient_accumulation_steps, 1)):
+        if value < minimum:
+            raise InvalidInput(f"{flag} must be >= {minimum}, got {value}")
+    for flag, value in (("--weight_decay", training_args.weight_decay), ("--max_grad_norm", training_args.max_grad_norm)):
+        if value is not None and value < 0:
+            raise InvalidInput(f"{flag} must be >= 0, got {value}")
+    for flag, value in (("--seed", training_args.seed), ("--data_seed", training_args.data_seed)):
+        if value is not None and not 0 <= value < 2**32:
+            raise InvalidInput(f"{flag} must be in [0, 2**32), got {value}")
+    if training_args.learning_rate <= 0:
+        raise InvalidInput(f"--learning_rate must be > 0, got {training_args.learning_rate}")
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise InvalidInput(f"--num_train_epochs must be > 0 (or --max_steps > 0), got {training_args.num_train_epochs}")
+    if training_args.save_strategy == "steps" and training_args.save_steps <= 0:
+        raise InvalidInput(f"--save_steps must be > 0, got {training_args.save_steps}")
+
+
 def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
                  aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments,
                  callbacks: list | None = None) -> dict:
     """Train adapters and save them in --output_dir; returns the run summary (also written as JSON)."""
     adapter_config.validate()
     aux_losses.validate(adapter_config)
+    check_training_arguments(training_args)
     ignored_flags = adapter_config.ignored_flags() + aux_losses.ignored_flags()
     warn_ignored(ignored_flags)
     adapter_config, aux_settings = adapter_config.effective(), aux_losses.effective()  # what the run records
@@ -78,6 +99,10 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     adapter_config.task_names = task_labels(records)
     # Every check that needs the model's shapes (target names, group sizes), on the architecture alone.
     attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config)
+    folder, gguf_file = resolve_model_source(model_args.model_name_or_path)
+    if gguf_file is None and is_config_only(folder):
+        raise InvalidInput(f"--model_name_or_path {folder}: holds only config.json; training needs the weights "
+                           "(a config-only folder serves --count_params_only)")
     identity = run_identity(model_args.model_name_or_path, data_args.data_path, data_args.max_seq_length,
                             adapter_config, aux_settings, training_args)
     with training_args.main_process_first(desc="claiming --output_dir"):
