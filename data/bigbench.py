@@ -66,7 +66,8 @@ def _task_json(sdist: Path, member: str, data: bytes) -> dict:
     try:
         content = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as error:
-        raise DataSourceError(f"--sdist {sdist}: {member}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        raise DataSourceError(f"--sdist {sdist}: {member}: not UTF-8 text ({error.reason} at byte "
+                              f"{error.start})") from None
     except json.JSONDecodeError as error:
         raise DataSourceError(f"--sdist {sdist}: {member}:{error.lineno}: invalid JSON ({error.msg})") from None
     if not isinstance(content, dict):

@@ -82,7 +82,8 @@ def _jsonl(path: Path, text: str) -> list[tuple[str, dict]]:
 
 def _object(where: str, value) -> tuple[str, dict]:
     if not isinstance(value, dict):
-        raise DataSourceError(f"{where}: expected a JSON object (a record), got {type(value).__name__} {str(value)[:40]!r}")
+        raise DataSourceError(f"{where}: expected a JSON object (a record), got {type(value).__name__} "
+                              f"{str(value)[:40]!r}")
     return where, value
 
 

@@ -192,7 +192,8 @@ class AdapterConfig:
             config.trainable = []
             config.lora_rank = self.block_adapter_rank or self.lora_rank
         else:
-            config.block_adapter_type, config.block_adapter_style = defaults.block_adapter_type, defaults.block_adapter_style
+            config.block_adapter_type = defaults.block_adapter_type
+            config.block_adapter_style = defaults.block_adapter_style
             config.block_adapter_rank = None
         return config
 

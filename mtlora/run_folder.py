@@ -200,30 +200,33 @@ def checkpoint_problem(checkpoint: Path, identity: dict | None = None) -> str | 
     return None
 
 
-def resolve_resume(resume_from_checkpoint: str | None, output_dir: str, identity: dict) -> tuple[str | None, list[str]]:
-    """(checkpoint to resume from or None, how it differs from this run).
+def resumes_last(resume_from_checkpoint: str | None) -> bool:
+    """``--resume_from_checkpoint last`` (or ``true``): the newest usable checkpoint in --output_dir."""
+    return resume_from_checkpoint is not None and resume_from_checkpoint.lower() in ("last", "true")
 
-    ``last`` (or ``true``): the newest checkpoint in --output_dir that is whole and this run's; every newer
-    one is skipped with a message saying why. An explicit path must be whole; it may come from a run with
-    other training settings or data (continuing a run deliberately: the differences are printed and
-    returned for the summary), but not with another base model or adapter.
-    """
-    if resume_from_checkpoint is None:
-        return None, []
-    if resume_from_checkpoint.lower() in ("last", "true"):
-        for checkpoint in checkpoints(Path(output_dir)):
-            problem = checkpoint_problem(checkpoint, identity)
-            if problem is None:
-                return str(checkpoint), []
-            print(f"--resume_from_checkpoint last: skipping {checkpoint}: {problem}", file=sys.stderr)
-        return None, []
-    checkpoint = Path(resume_from_checkpoint)
+
+def last_valid_checkpoint(output_dir: str, identity: dict) -> str | None:
+    """The newest checkpoint in ``output_dir`` that is whole and this run's; each newer one is skipped with a
+    message saying why (None: start from the beginning)."""
+    for checkpoint in checkpoints(Path(output_dir)):
+        problem = checkpoint_problem(checkpoint, identity)
+        if problem is None:
+            return str(checkpoint)
+        print(f"--resume_from_checkpoint last: skipping {checkpoint}: {problem}", file=sys.stderr)
+    return None
+
+
+def check_resume_checkpoint(path: str, identity: dict) -> list[str]:
+    """An explicit --resume_from_checkpoint must be whole. It may come from a run with other training settings or
+    data (continuing a run deliberately: the differences are printed and returned for the summary), but not
+    with another base model or adapter."""
+    checkpoint = Path(path)
     if not checkpoint.is_dir():
         raise MissingInput(f"--resume_from_checkpoint {checkpoint}: no such folder")
     if (problem := checkpoint_problem(checkpoint)) is not None:
         raise InvalidInput(f"--resume_from_checkpoint {checkpoint}: {problem}")
     stored = read_identity(checkpoint) or read_identity(checkpoint.parent)
-    differences = identity_differences(stored, identity) if stored is not None else ["no run_identity.json"]
+    differences = identity_differences(stored, identity) if stored is not None else [f"no {RUN_IDENTITY}"]
     structural = [d for d in differences if d.startswith(tuple(f"{f}." for f in STRUCTURAL_FIELDS))]
     if structural:
         raise InvalidInput(f"--resume_from_checkpoint {checkpoint}: trained with another base model or adapter "
@@ -231,7 +234,7 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str, identity
     if differences:
         print(f"--resume_from_checkpoint {checkpoint}: continuing a run that differs from this one in "
               f"{_listing(differences, 8, '; ')}", file=sys.stderr)
-    return str(checkpoint), differences
+    return differences
 
 
 # ---------------------------------------------------------------------------------------- saving

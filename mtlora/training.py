@@ -18,7 +18,8 @@ from mtlora.injection import attach_adapters, find_decoder_layers
 from mtlora.loading import build_meta_model, is_config_only, load_base_model, load_tokenizer, resolve_model_source
 from mtlora.losses import AuxiliaryLosses
 from mtlora.params import count_parameters, format_parameter_count
-from mtlora.run_folder import TRAIN_SUMMARY, claim_output_dir, resolve_resume, run_identity
+from mtlora.run_folder import (TRAIN_SUMMARY, check_resume_checkpoint, claim_output_dir, last_valid_checkpoint,
+                               resumes_last, run_identity)
 from mtlora.trainer import AdapterTrainer
 from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records, task_labels
 
@@ -66,7 +67,8 @@ def check_training_arguments(training_args: AdapterTrainingArguments) -> None:
                                  ("--gradient_accumulation_steps", training_args.gradient_accumulation_steps, 1)):
         if value < minimum:
             raise InvalidInput(f"{flag} must be >= {minimum}, got {value}")
-    for flag, value in (("--weight_decay", training_args.weight_decay), ("--max_grad_norm", training_args.max_grad_norm)):
+    for flag, value in (("--weight_decay", training_args.weight_decay),
+                        ("--max_grad_norm", training_args.max_grad_norm)):
         if value is not None and value < 0:
             raise InvalidInput(f"{flag} must be >= 0, got {value}")
     for flag, value in (("--seed", training_args.seed), ("--data_seed", training_args.data_seed)):
@@ -105,11 +107,13 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
                            "(a config-only folder serves --count_params_only)")
     identity = run_identity(model_args.model_name_or_path, data_args.data_path, data_args.max_seq_length,
                             adapter_config, aux_settings, training_args)
+    resume = training_args.resume_from_checkpoint
+    resumed_differences = check_resume_checkpoint(resume, identity) if resume and not resumes_last(resume) else []
     with training_args.main_process_first(desc="claiming --output_dir"):
         claim_output_dir(training_args.output_dir, identity, training_args.overwrite_output_dir,
-                         resuming=training_args.resume_from_checkpoint is not None, is_main=training_args.should_save)
-    resume, resumed_differences = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
-                                                 identity)
+                         resuming=resume is not None, is_main=training_args.should_save)
+    if resumes_last(resume):
+        resume = last_valid_checkpoint(training_args.output_dir, identity)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length, adapter_config.task_names)

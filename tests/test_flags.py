@@ -65,7 +65,8 @@ def test_defaults_and_used_flags_are_not_reported():
                           block_adapter_rank=8, lora_rank=8, trainable=[])
     for used in (component, block):
         assert used.ignored_flags() == [] and used.effective() == used
-    assert AuxiliaryLosses(enable_blc=True, blc_alpha=0.5, enable_spectral_reg=True, spectral_reg_lambda=2.0).ignored_flags() == []
+    used_losses = AuxiliaryLosses(enable_blc=True, blc_alpha=0.5, enable_spectral_reg=True, spectral_reg_lambda=2.0)
+    assert used_losses.ignored_flags() == []
 
 
 def test_train_warns_once_and_records_the_configuration_used(tiny_model_dir, multitask_records, tmp_path):

@@ -15,8 +15,8 @@ from mtlora.checkpoint import read_adapter_config, save_adapter
 from mtlora.config import AdapterConfig
 from mtlora.errors import InvalidInput, UsageError
 from mtlora.injection import attach_adapters
-from mtlora.run_folder import (RUN_IDENTITY, checkpoint_problem, claim_output_dir, read_identity, resolve_resume,
-                               run_identity, write_identity)
+from mtlora.run_folder import (RUN_IDENTITY, check_resume_checkpoint, checkpoint_problem, claim_output_dir,
+                               read_identity, run_identity, write_identity)
 from mtlora.trainer import AdapterTrainer
 from mtlora.training import run_training
 from tests.helpers import random_adapter_checkpoint, saved_adapter_tensors, tiny_llama, training_arguments
@@ -127,15 +127,14 @@ def test_checkpoint_problems_are_named(tmp_path):
 
 def test_explicit_resume_may_continue_other_settings_but_not_another_adapter(tmp_path, capsys):
     other_settings = _trainer_checkpoint(tmp_path / "a" / "checkpoint-2", _other(IDENTITY, "training", learning_rate=0.1))
-    resumed, differences = resolve_resume(str(other_settings), str(tmp_path / "out"), IDENTITY)
-    assert resumed == str(other_settings) and differences == ["training.learning_rate: 0.1 -> 0.001"]
+    assert check_resume_checkpoint(str(other_settings), IDENTITY) == ["training.learning_rate: 0.1 -> 0.001"]
     assert "continuing a run that differs from this one in training.learning_rate" in capsys.readouterr().err
     other_adapter = _trainer_checkpoint(tmp_path / "b" / "checkpoint-2", _other(IDENTITY, "adapter", lora_rank=8))
     with pytest.raises(InvalidInput, match="trained with another base model or adapter .adapter.lora_rank: 8 -> 4"):
-        resolve_resume(str(other_adapter), str(tmp_path / "out"), IDENTITY)
+        check_resume_checkpoint(str(other_adapter), IDENTITY)
     (other_settings / "adapter_model.safetensors").write_bytes(b"\0" * 10)
     with pytest.raises(InvalidInput, match="adapter_model.safetensors: not a complete safetensors file"):
-        resolve_resume(str(other_settings), str(tmp_path / "out"), IDENTITY)
+        check_resume_checkpoint(str(other_settings), IDENTITY)
 
 
 def _truncate(path):
