@@ -82,6 +82,19 @@ def check_training_arguments(training_args: AdapterTrainingArguments) -> None:
         raise InvalidInput(f"--save_steps must be > 0, got {training_args.save_steps}")
 
 
+def claim_run_folder(training_args: AdapterTrainingArguments, identity: dict) -> tuple[str | None, list[str]]:
+    """Check --resume_from_checkpoint, make --output_dir this run's; returns (checkpoint to resume from or None,
+    how an explicitly given checkpoint's run differs from this one)."""
+    resume = training_args.resume_from_checkpoint
+    differences = check_resume_checkpoint(resume, identity) if resume and not resumes_last(resume) else []
+    with training_args.main_process_first(local=False, desc="claiming --output_dir"):
+        claim_output_dir(training_args.output_dir, identity, training_args.overwrite_output_dir,
+                         resuming=resume is not None, is_main=training_args.should_save)
+    if resumes_last(resume):
+        resume = last_valid_checkpoint(training_args.output_dir, identity)
+    return resume, differences
+
+
 def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
                  aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments,
                  callbacks: list | None = None) -> dict:
@@ -107,13 +120,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
                            "(a config-only folder serves --count_params_only)")
     identity = run_identity(model_args.model_name_or_path, data_args.data_path, data_args.max_seq_length,
                             adapter_config, aux_settings, training_args)
-    resume = training_args.resume_from_checkpoint
-    resumed_differences = check_resume_checkpoint(resume, identity) if resume and not resumes_last(resume) else []
-    with training_args.main_process_first(desc="claiming --output_dir"):
-        claim_output_dir(training_args.output_dir, identity, training_args.overwrite_output_dir,
-                         resuming=resume is not None, is_main=training_args.should_save)
-    if resumes_last(resume):
-        resume = last_valid_checkpoint(training_args.output_dir, identity)
+    resume, resumed_differences = claim_run_folder(training_args, identity)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length, adapter_config.task_names)
