@@ -23,6 +23,7 @@ from pathlib import Path
 from mtlora.errors import InvalidInput, MissingInput, UsageError
 from mtlora.evaluation.cli import add_model_args, check_positive, load_for_eval
 from mtlora.evaluation.heldout import generate_for_records
+from mtlora.training_data import read_utf8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +47,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise MissingInput(f"--prompts_file {path}: no such file")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for number, line in enumerate(read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:

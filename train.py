@@ -24,7 +24,10 @@ from mtlora.training import count_only, run_training
 
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, AdapterConfig, AuxiliaryLosses, AdapterTrainingArguments))
-    model_args, data_args, adapter_config, aux_losses, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        model_args, data_args, adapter_config, aux_losses, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except (UsageError, ValueError) as err:  # TrainingArguments checks its own flags while parsing
+        sys.exit(f"error: {err}")
     try:
         if model_args.count_params_only:
             adapter_config.validate()

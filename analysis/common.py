@@ -81,6 +81,20 @@ def load_checkpoint(checkpoint: str | Path, model_name_or_path: str | None = Non
     return model, tokenizer, config
 
 
+def read_checkpoint_configs(checkpoints: list[tuple[str, str]], flag: str = "--checkpoints",
+                            routed: bool = False) -> dict[str, AdapterConfig]:
+    """Label -> adapter config of every checkpoint, read before any model is loaded; with ``routed`` each must
+    have a token router (the routing analyses need one)."""
+    configs = {}
+    for label, path in checkpoints:
+        config = read_adapter_config(path, flag)
+        if routed and not config.has_token_router:
+            raise InvalidInput(f"{flag} {path}: --method {config.method} with --lora_nums {config.lora_nums} has no "
+                               "token router to analyse")
+        configs[label] = config
+    return configs
+
+
 def block_index(module_name: str) -> int:
     """Transformer block index of a module (the first numeric path component, ``model.layers.<i>.``)."""
     match = _BLOCK_INDEX.search(f".{module_name}.")

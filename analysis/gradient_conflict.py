@@ -34,7 +34,8 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 
 from analysis.common import (add_data_arguments, add_model_arguments, block_index, integer_ticks, load_checkpoint,
-                             model_inputs, parse_labelled_paths, sample_records_by_task, task_batches, write_outputs)
+                             model_inputs, parse_labelled_paths, read_checkpoint_configs, sample_records_by_task,
+                             task_batches, write_outputs)
 from mtlora.config import AdapterConfig
 from mtlora.errors import InvalidInput, UsageError
 from mtlora.injection import attach_adapters
@@ -168,6 +169,8 @@ def gradient_conflict(data_path: str, output_dir: str, checkpoints: list[tuple[s
     """Per-task gradient cosines of labelled checkpoints, or of fresh component/block adapters from ``fresh``."""
     if bool(checkpoints) == (fresh is not None):
         raise InvalidInput("give either --checkpoints or the method flags for fresh adapters, not both")
+    if checkpoints:
+        read_checkpoint_configs(checkpoints)  # every checkpoint checked before the first model loads
     configs = checkpoints or list(fresh_configs(fresh, block_adapter_type).items())
     records = sample_records_by_task(data_path, samples_per_task, seed, min_tasks=2)
     results = {}

@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from analysis.common import (add_data_arguments, add_model_arguments, block_index, integer_ticks, load_checkpoint,
-                             max_entropy, parse_labelled_paths, routing_stats_by_task, sample_records_by_task,
-                             task_batches, write_outputs)
+                             max_entropy, parse_labelled_paths, read_checkpoint_configs, routing_stats_by_task,
+                             sample_records_by_task, task_batches, write_outputs)
 from mtlora.errors import UsageError
 
 NAME = "routing_entropy"
@@ -83,6 +83,7 @@ def routing_entropy(checkpoints: list[tuple[str, str]], data_path: str, output_d
                     model_name_or_path: str | None = None, samples_per_task: int = 32, batch_size: int = 8,
                     max_seq_length: int = 512, seed: int = 42, device: str = "cpu", dtype: str = "float32") -> dict:
     """Compute, plot and save routing entropy for labelled checkpoints; returns the JSON data."""
+    read_checkpoint_configs(checkpoints, routed=True)  # every checkpoint checked before the first model loads
     records = sample_records_by_task(data_path, samples_per_task, seed)
     results = {}
     for label, path in checkpoints:

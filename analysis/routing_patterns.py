@@ -17,9 +17,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from analysis.common import (add_data_arguments, add_model_arguments, block_index, load_checkpoint,
-                             routing_stats_by_task, sample_records_by_task, task_batches, write_outputs)
+                             read_checkpoint_configs, routing_stats_by_task, sample_records_by_task, task_batches,
+                             write_outputs)
 from mtlora.errors import InvalidInput, UsageError
-from mtlora.injection import routed_adapters
+from mtlora.injection import attach_adapters, routed_adapters
+from mtlora.loading import build_meta_model
 
 NAME = "routing_patterns"
 
@@ -76,9 +78,11 @@ def routing_patterns(checkpoint: str, data_path: str, output_dir: str, layers: l
                      model_name_or_path: str | None = None, samples_per_task: int = 32, batch_size: int = 8,
                      max_seq_length: int = 512, seed: int = 42, device: str = "cpu", dtype: str = "float32") -> dict:
     """Compute, plot and save the task x expert routing matrices of one checkpoint; returns the JSON data."""
+    config = read_checkpoint_configs([("", checkpoint)], "--checkpoint", routed=True)[""]
+    meta = attach_adapters(build_meta_model(model_name_or_path), config)
+    layers = resolve_layers(list(routed_adapters(meta)), layers)  # on the architecture: fail before loading
     records = sample_records_by_task(data_path, samples_per_task, seed)
     model, tokenizer, config = load_checkpoint(checkpoint, model_name_or_path, dtype, device, flag="--checkpoint")
-    layers = resolve_layers(list(routed_adapters(model)), layers)  # fail before the forward passes
     stats = routing_stats_by_task(model, task_batches(records, tokenizer, config, batch_size, max_seq_length), device)
     matrices = routing_matrices(stats, layers)
     tasks = list(records)

@@ -20,9 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_dirs(results_dir: Path) -> dict[str, str]:
     """Row key -> run directory of its first seed, from the Table 2 results."""
-    table = json.loads((results_dir / "main_ablation.json").read_text())
+    path = results_dir / "main_ablation.json"
+    if not path.is_file():
+        raise SystemExit(f"error: --results_dir {results_dir}: no main_ablation.json; run "
+                         "`bash tables/0_main_ablation.sh --scale small` first")
     first = {}
-    for run in table["per_seed"]:
+    for run in json.loads(path.read_text())["per_seed"]:
         if run["key"] != "base":
             first.setdefault(run["key"], run["run_dir"])
     return first

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import tarfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,14 +47,32 @@ def read_tasks(sdist: str | Path) -> dict[str, dict]:
         raise DataSourceError(
             f"--sdist {sdist}: no such file (get it with `pip download --no-deps bigbench==1.0.0 -d DIR`)")
     tasks = {}
-    with tarfile.open(sdist, "r:gz") as archive:
-        for member in archive:  # sequential: one pass over the compressed stream
-            folders = task_path(member.name)
-            if member.isfile() and folders and len(folders) == 1 and folders[0] not in BBH_SOURCE_TASKS:
-                tasks[folders[0]] = json.load(archive.extractfile(member))
+    try:
+        with tarfile.open(sdist, "r:gz") as archive:
+            for member in archive:  # sequential: one pass over the compressed stream
+                folders = task_path(member.name)
+                if member.isfile() and folders and len(folders) == 1 and folders[0] not in BBH_SOURCE_TASKS:
+                    tasks[folders[0]] = _task_json(sdist, member.name, archive.extractfile(member).read())
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:  # not gzip, truncated, corrupt
+        raise DataSourceError(f"--sdist {sdist}: not a complete .tar.gz ({type(error).__name__}: {error}); download "
+                              "it again with `pip download --no-deps bigbench==1.0.0 -d DIR`") from None
     if not tasks:
         raise DataSourceError(f"--sdist {sdist}: no {TASKS_DIR}/<task>/task.json files inside")
     return tasks
+
+
+def _task_json(sdist: Path, member: str, data: bytes) -> dict:
+    """A task.json member of the sdist as a dict; raises naming the archive and member when it is not one."""
+    try:
+        content = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise DataSourceError(f"--sdist {sdist}: {member}: not UTF-8 text ({error.reason} at byte "
+                              f"{error.start})") from None
+    except json.JSONDecodeError as error:
+        raise DataSourceError(f"--sdist {sdist}: {member}:{error.lineno}: invalid JSON ({error.msg})") from None
+    if not isinstance(content, dict):
+        raise DataSourceError(f"--sdist {sdist}: {member}: expected a JSON object, got {type(content).__name__}")
+    return content
 
 
 def example_record(task: str, example: dict, task_prefix: str = "") -> dict | None:
@@ -140,7 +159,8 @@ def prepare_bigbench(output_dir: str | Path, sdist: str | Path, num_tasks: int |
         train += [{k: v for k, v in r.items() if k != "references"} for r in task_train]
         held_out += task_eval
         counts[name] = {"usable": len(usable[name]), "train": len(task_train), "eval": len(task_eval),
-                        "multiple_choice": any("target_scores" in ex for ex in contents[name]["examples"])}
+                        "multiple_choice": any(isinstance(ex, dict) and "target_scores" in ex
+                                               for ex in contents[name]["examples"])}
     random.Random(seed).shuffle(train)  # interleave tasks; the trainer may shuffle again
     write_jsonl(Path(output_dir) / "train.jsonl", train)
     write_jsonl(Path(output_dir) / "eval.jsonl", held_out)

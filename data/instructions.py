@@ -62,9 +62,9 @@ def prepare_flan(output_dir: str | Path, source: str | Path | None = None, num_e
 
 def _flan_records(source: str | Path | None, seed: int) -> Iterator[dict]:
     if source:
-        raw = list(read_json_records(source))
+        raw = read_json_records(source)
         random.Random(seed).shuffle(raw)
-        return (flan_record(r, f"--source {source}, record {i}") for i, r in enumerate(raw))
+        return (flan_record(record, where) for where, record in raw)
     require_hub("flan", FLAN_HUB, "a JSON/JSONL file of Flan examples with fields inputs, targets, task_name")
     stream = load_hub_dataset(FLAN_HUB, split="train", streaming=True)
     return (flan_record(r, FLAN_HUB) for r in stream.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_BUFFER))
@@ -75,6 +75,9 @@ def dolly_record(raw: dict, where: str) -> dict:
     missing = [f for f in DOLLY_FIELDS if f not in raw]
     if missing:
         raise DataSourceError(f"{where}: missing field(s) {missing} (expected {list(DOLLY_FIELDS)})")
+    not_text = [f for f in DOLLY_FIELDS if not isinstance(raw[f], str) and not (f == "context" and raw[f] is None)]
+    if not_text:
+        raise DataSourceError(f"{where}: field(s) {not_text} must be strings")
     return {"instruction": raw["instruction"], "input": raw["context"] or "", "output": raw["response"],
             "task_type": raw["category"]}
 
@@ -86,11 +89,11 @@ def prepare_dolly(output_dir: str | Path, source: str | Path | None = None, val_
     ``val_size`` below 1 is a fraction of the records, from 1 up a count.
     """
     if source:
-        raw = list(read_json_records(source))
+        raw = read_json_records(source)
     else:
         require_hub("dolly", DOLLY_HUB, "a JSON/JSONL file with fields instruction, context, response, category")
-        raw = list(load_hub_dataset(DOLLY_HUB, split="train"))
-    records = [dolly_record(r, f"--source {source or DOLLY_HUB}, record {i}") for i, r in enumerate(raw)]
+        raw = [(f"{DOLLY_HUB}, record {i}", r) for i, r in enumerate(load_hub_dataset(DOLLY_HUB, split="train"), 1)]
+    records = [dolly_record(record, where) for where, record in raw]
     random.Random(seed).shuffle(records)
     num_val = round(val_size * len(records)) if val_size < 1 else int(val_size)
     if not 0 <= num_val < len(records):

@@ -75,8 +75,17 @@ def run(args: argparse.Namespace) -> dict:
                             min_examples=args.min_examples, seed=args.seed)
 
 
+# Lower bounds of the count flags (a subcommand has some of them).
+MINIMUMS = {"num_examples": 1, "max_per_task": 1, "num_tasks": 1, "eval_per_task": 0, "min_examples": 1}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, minimum in MINIMUMS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            parser.error(f"--{name} must be >= {minimum}, got {value}")
     start = time.time()
     try:
         summary = run(args)

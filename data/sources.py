@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 from mtlora.errors import UsageError
+from mtlora.training_data import read_utf8
 
 HUB_HOST = "huggingface.co"
 
@@ -43,35 +43,48 @@ def load_hub_dataset(*args, **kwargs):
     return load_dataset(*args, **kwargs)
 
 
-def read_json_records(path: str | Path) -> Iterator[dict]:
-    """Objects of a JSONL file, a JSON list, or a JSON object holding one list (e.g. {"data": [...]})."""
+def read_json_records(path: str | Path) -> list[tuple[str, dict]]:
+    """(where, object) pairs of a JSONL file, a JSON list, or a JSON object holding one list (e.g. {"data": [...]}).
+
+    ``where`` is ``file:line`` (JSONL) or ``file, record i`` (JSON lists, counted from 1), for error messages;
+    a non-object record, invalid JSON or non-UTF-8 text raises naming it.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataSourceError(f"--source {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix == ".jsonl":
-        yield from _jsonl(path, text)
-        return
+        return _jsonl(path, text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        yield from _jsonl(path, text)  # JSON lines under a .json name
-        return
+        return _jsonl(path, text)  # JSON lines under a .json name
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
             raise DataSourceError(f"--source {path}: expected a JSON list of records or JSONL")
         data = lists[0]
-    yield from data
+    if not isinstance(data, list):
+        raise DataSourceError(f"--source {path}: expected a JSON list of records or JSONL, got {type(data).__name__}")
+    return [_object(f"{path}, record {index}", value) for index, value in enumerate(data, start=1)]
 
 
-def _jsonl(path: Path, text: str) -> Iterator[dict]:
+def _jsonl(path: Path, text: str) -> list[tuple[str, dict]]:
+    records = []
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
-                yield json.loads(line)
+                records.append(_object(f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as error:
-                raise DataSourceError(f"--source {path}, line {number}: not valid JSON ({error.msg})") from error
+                raise DataSourceError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    return records
+
+
+def _object(where: str, value) -> tuple[str, dict]:
+    if not isinstance(value, dict):
+        raise DataSourceError(f"{where}: expected a JSON object (a record), got {type(value).__name__} "
+                              f"{str(value)[:40]!r}")
+    return where, value
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:

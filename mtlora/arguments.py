@@ -7,10 +7,14 @@ train.py parses five dataclasses: the two below, :class:`mtlora.config.AdapterCo
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
+
+from mtlora.errors import MissingInput
 
 
 @dataclass
@@ -40,6 +44,9 @@ class AdapterTrainingArguments(TrainingArguments):
     """TrainingArguments with the paper's defaults (AdamW, lr 2e-4, linear decay, no warm-up, clip 1.0)."""
 
     output_dir: str = field(default="outputs/run")
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Delete the run already in --output_dir (its checkpoints, adapter, summary) and start over; without "
+                "it, a folder holding another run is refused and one holding this run needs --resume_from_checkpoint."})
     learning_rate: float = 2e-4
     per_device_train_batch_size: int = 16
     num_train_epochs: float = 1.0
@@ -53,3 +60,10 @@ class AdapterTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = "none"
     gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(default_factory=lambda: {"use_reentrant": False})
     remove_unused_columns: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.deepspeed, str) and not Path(self.deepspeed).is_file():
+            raise MissingInput(f"--deepspeed {self.deepspeed}: no such file (e.g. configs/ds_zero2.json)")
+        if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
+            raise MissingInput("--deepspeed needs the deepspeed package: pip install --no-build-isolation deepspeed")
+        super().__post_init__()

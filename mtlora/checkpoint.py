@@ -2,19 +2,25 @@
 
 Loading is strict: every adapter tensor of the model must be in the file with the same shape, and the
 file may hold nothing else (the reference evaluators load non-strictly, so a mismatch passes silently).
-A plain ``lora`` adapter can also be exported in the standard PEFT adapter layout.
+Each file is written under a temporary name and renamed into place, so a kill during a save never leaves
+a half-written file under the real name; a truncated or malformed file is reported by name before any
+model is loaded. A plain ``lora`` adapter can also be exported in the standard PEFT adapter layout.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtlora.config import AdapterConfig
+from mtlora.config import AdapterConfig, AdapterConfigError
 from mtlora.errors import InvalidInput, MissingInput
 from mtlora.injection import adapter_modules, adapter_state_dict, attach_adapters
 
@@ -30,7 +36,8 @@ def save_adapter(model: nn.Module, config: AdapterConfig, output_dir: str | Path
     instead of the model's own parameters.
     """
     output_dir = save_adapter_weights(model, output_dir, state_dict)
-    config.save(output_dir / ADAPTER_CONFIG)
+    with _replaced_atomically(output_dir / ADAPTER_CONFIG) as temporary:
+        config.save(temporary)
     return output_dir
 
 
@@ -43,8 +50,20 @@ def save_adapter_weights(model: nn.Module, output_dir: str | Path,
     if state_dict is not None:
         source = {name: state_dict[name] for name in source}
     tensors = {name: t.detach().contiguous().cpu() for name, t in source.items()}
-    save_file(tensors, str(output_dir / ADAPTER_WEIGHTS), metadata={"format": "pt", "library": "mtlora"})
+    with _replaced_atomically(output_dir / ADAPTER_WEIGHTS) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": "pt", "library": "mtlora"})
     return output_dir
+
+
+@contextmanager
+def _replaced_atomically(path: Path) -> Iterator[Path]:
+    """``with _replaced_atomically(path) as temporary:`` write ``temporary``; on success it replaces ``path``."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def is_adapter_checkpoint(path: str | Path) -> bool:
@@ -60,11 +79,32 @@ def read_adapter_config(checkpoint_dir: str | Path, flag: str = "--lora_checkpoi
             f"{flag} {checkpoint_dir}: expected a folder with {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} "
             "(written by train.py)"
         )
-    return AdapterConfig.load(checkpoint_dir / ADAPTER_CONFIG)
+    check_adapter_weights(checkpoint_dir)
+    config = AdapterConfig.load(checkpoint_dir / ADAPTER_CONFIG)
+    try:
+        config.validate()
+    except AdapterConfigError as err:
+        raise AdapterConfigError(f"{checkpoint_dir / ADAPTER_CONFIG}: {err}") from None
+    return config
+
+
+def check_adapter_weights(checkpoint_dir: str | Path) -> None:
+    """Raise naming the file when ``adapter_model.safetensors`` is truncated or not a safetensors file.
+
+    Reads only the header, which lists every tensor's byte range, so a file cut short is detected.
+    """
+    path = Path(checkpoint_dir) / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise InvalidInput(f"{path}: not a complete safetensors file ({err}); the checkpoint is truncated or "
+                           "corrupt (a run killed while saving?)") from None
 
 
 def load_adapter_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
     """Copy the saved adapter tensors into ``model`` (adapters already attached), strictly."""
+    check_adapter_weights(checkpoint_dir)
     saved = load_file(str(Path(checkpoint_dir) / ADAPTER_WEIGHTS))
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtlora.errors import InvalidInput
+from mtlora.errors import IgnoredFlagWarning, InvalidInput
 
 METHODS = ("lora", "hydralora", "mmoelora", "mtlora", "mole")
 BLOCK_ADAPTER_TYPES = ("ffn", "attention", "both")
@@ -70,6 +73,11 @@ class AdapterConfig:
     def is_routed(self) -> bool:
         """A per-token softmax router over experts (HydraLoRA's structure; mtLoRA's code path)."""
         return self.method in ("hydralora", "mtlora")
+
+    @property
+    def has_token_router(self) -> bool:
+        """A router is built only when there are at least two experts to route between."""
+        return self.is_routed and self.lora_nums > 1
 
     @property
     def is_task_gated(self) -> bool:
@@ -165,6 +173,55 @@ class AdapterConfig:
                                 ("--routing_groups", self.routing_groups)):
                 if value is not None and value < 1:
                     raise AdapterConfigError(f"{flag} must be a positive integer, got {value}")
+            if not self.has_token_router:
+                raise AdapterConfigError("--enable_fine_grained_routing needs a router, so --lora_nums >= 2, "
+                                         f"got {self.lora_nums}")
+
+    # ------------------------------------------------------------------------ flags that do nothing
+
+    def ignored_flags(self) -> list[str]:
+        """One line per flag set away from its default that has no effect in this configuration.
+
+        Enabling a component the method cannot have is an error (:meth:`validate`); a value for a component
+        that is switched off is only ignored, which :func:`warn_ignored` says and :meth:`effective` records.
+        """
+        defaults = AdapterConfig()
+        ignored = []
+
+        def check(name: str, condition: bool, reason: str) -> None:
+            if condition and getattr(self, name) != getattr(defaults, name):
+                ignored.append(f"--{name} {_flag_value(getattr(self, name))} has no effect {reason}")
+
+        check("lora_nums", not self.has_expert_up_projections, f"with --method {self.method} (a single adapter)")
+        check("routing_group_size", not self.enable_fine_grained_routing, "without --enable_fine_grained_routing")
+        check("routing_groups", not self.enable_fine_grained_routing, "without --enable_fine_grained_routing")
+        for name in ("block_adapter_type", "block_adapter_style", "block_adapter_rank"):
+            check(name, not self.uses_block_adapter, "without --enable_block_adapter")
+        check("trainable", self.uses_block_adapter and self.trainable != [],
+              "with --enable_block_adapter (block adapters replace them)")
+        check("lora_rank", self.uses_block_adapter and self.block_adapter_rank not in (None, self.lora_rank),
+              "with --enable_block_adapter and --block_adapter_rank")
+        return ignored
+
+    def effective(self) -> "AdapterConfig":
+        """A copy that records what is built: unused optional values are None, other unused values their
+        default; plain LoRA has ``lora_nums`` 1, block adapters have no ``trainable`` list and, with
+        --block_adapter_rank, the same ``lora_rank``."""
+        defaults = AdapterConfig()
+        config = dataclasses.replace(self)
+        config.task_names = list(self.task_names)
+        if not self.has_expert_up_projections:
+            config.lora_nums = 1
+        if not self.enable_fine_grained_routing:
+            config.routing_group_size = config.routing_groups = None
+        if self.uses_block_adapter:
+            config.trainable = []
+            config.lora_rank = self.block_adapter_rank or self.lora_rank
+        else:
+            config.block_adapter_type = defaults.block_adapter_type
+            config.block_adapter_style = defaults.block_adapter_style
+            config.block_adapter_rank = None
+        return config
 
     # ------------------------------------------------------------------------------ persistence
 
@@ -177,6 +234,11 @@ class AdapterConfig:
         unknown = set(values) - set(fields)
         if unknown:
             raise AdapterConfigError(f"{source}: unknown keys {sorted(unknown)}; expected some of {sorted(fields)}")
+        hints = typing.get_type_hints(cls)
+        for name, value in values.items():
+            if not _has_type(value, hints[name]):
+                expected = getattr(hints[name], "__name__", str(hints[name]))
+                raise AdapterConfigError(f"{source}: {name} must be {expected}, got {value!r}")
         config = cls(**{k: v for k, v in values.items() if fields[k].init})
         config.task_names = list(values.get("task_names", []))
         return config
@@ -193,6 +255,32 @@ class AdapterConfig:
         if not isinstance(values, dict):
             raise AdapterConfigError(f"{path}: expected a JSON object, got {type(values).__name__}")
         return cls.from_dict(values, source=str(path))
+
+
+def warn_ignored(lines: list[str]) -> None:
+    """Warn once per flag that has no effect (the run records the value actually used)."""
+    for line in lines:
+        warnings.warn(f"{line}; the run records the value actually used", IgnoredFlagWarning, stacklevel=2)
+
+
+def _flag_value(value) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def _has_type(value, expected) -> bool:
+    """Whether a JSON value fits a field's type (int, float, bool, str, list[str], or X | None)."""
+    options = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    for option in options:
+        if typing.get_origin(option) is list:
+            item = typing.get_args(option)[0]
+            if isinstance(value, list) and all(isinstance(v, item) for v in value):
+                return True
+        elif option is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return True
+        elif isinstance(value, option) and not (isinstance(value, bool) and option is not bool):
+            return True
+    return False
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -15,3 +15,7 @@ class InvalidInput(UsageError, ValueError):
 
 class MissingInput(UsageError, FileNotFoundError):
     """A file or folder the user named (or the default one) does not exist."""
+
+
+class IgnoredFlagWarning(UserWarning):
+    """A flag was set that has no effect in the chosen configuration (the run records what was used)."""

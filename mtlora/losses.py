@@ -6,6 +6,7 @@ schedule; the functions below compute them from a model with adapters attached.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,10 @@ from torch import nn
 from mtlora.adapters import RoutedLowRankAdapter, TaskGatedLoRA
 from mtlora.config import AdapterConfig, AdapterConfigError
 from mtlora.injection import routed_adapters
+
+
+SPECTRAL_SETTINGS = ("spectral_reg_lambda", "spectral_reg_form", "spectral_reg_frequency", "spectral_reg_steps",
+                     "spectral_reg_max_matrices")
 
 
 @dataclass
@@ -53,6 +58,36 @@ class AuxiliaryLosses:
                 raise AdapterConfigError(f"{flag} must be >= 1, got {value}")
         if self.enable_spectral_reg and not adapter_config.has_expert_up_projections:
             raise AdapterConfigError("--enable_spectral_reg needs expert up-projections: use a multi-expert --method")
+        if self.enable_blc and not adapter_config.has_token_router:
+            raise AdapterConfigError("--enable_blc balances a token router, which needs --method hydralora or mtlora "
+                                     f"with --lora_nums >= 2 (got --method {adapter_config.method}, "
+                                     f"--lora_nums {adapter_config.lora_nums})")
+
+    def ignored_flags(self) -> list[str]:
+        """One line per flag set away from its default that has no effect (its loss is off, or it is overridden)."""
+        defaults = AuxiliaryLosses()
+        ignored = []
+        unused = {"blc_alpha": "without --enable_blc"} if not self.enable_blc else {}
+        if not self.enable_spectral_reg:
+            unused.update({name: "without --enable_spectral_reg" for name in SPECTRAL_SETTINGS})
+        elif self.spectral_reg_steps:
+            unused["spectral_reg_frequency"] = "with --spectral_reg_steps"
+        for name, reason in unused.items():
+            if getattr(self, name) != getattr(defaults, name):
+                ignored.append(f"--{name} {getattr(self, name)} has no effect {reason}")
+        return ignored
+
+    def effective(self) -> dict:
+        """The settings as used, for the run's records: None for every value of a loss that is off (and for
+        --spectral_reg_frequency when --spectral_reg_steps sets the schedule)."""
+        values = dataclasses.asdict(self)
+        if not self.enable_blc:
+            values["blc_alpha"] = None
+        if not self.enable_spectral_reg:
+            values.update(dict.fromkeys(SPECTRAL_SETTINGS))
+        elif self.spectral_reg_steps:
+            values["spectral_reg_frequency"] = None
+        return values
 
     def spectral_due(self, step: int, steps_per_epoch: int) -> bool:
         """The reference schedule: every ``spectral_reg_steps`` steps (at step S-1, 2S-1, ...), else at the

@@ -3,32 +3,40 @@
 * ``compute_loss`` adds the balance loss (every micro-batch) and the spectral regulariser (on one
   micro-batch of the scheduled optimisation steps) to the language-model loss, and logs each term.
 * Checkpoints hold the adapter (safetensors + config) plus the Trainer's optimizer, scheduler, RNG and
-  state files, so ``--resume_from_checkpoint`` continues exactly where a killed run stopped.
+  state files and the run's identity, so ``--resume_from_checkpoint`` continues exactly where a killed run
+  stopped. Each is written into a hidden folder and renamed into place (``mtlora.run_folder``), so a kill
+  during a save never leaves a ``checkpoint-N`` that looks complete.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from mtlora.checkpoint import load_adapter_weights, save_adapter
-from mtlora.evaluation.reporting import write_json
 from mtlora.config import AdapterConfig
+from mtlora.evaluation.reporting import write_json
 from mtlora.injection import set_task_ids
 from mtlora.losses import AuxiliaryLosses, balance_loss, clear_routing_records, spectral_loss
 from mtlora.mole import mole_balance_loss
+from mtlora.run_folder import TRAINER_STATE, publish_checkpoint, staging_folder, write_identity
 
 
 class AdapterTrainer(Trainer):
     """Trainer for a base model with mtlora adapters attached."""
 
-    def __init__(self, *args, adapter_config: AdapterConfig, aux_losses: AuxiliaryLosses, **kwargs):
+    def __init__(self, *args, adapter_config: AdapterConfig, aux_losses: AuxiliaryLosses,
+                 run_identity: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.adapter_config = adapter_config
         self.aux_losses = aux_losses
+        self.run_identity = run_identity
+        self._staging_dir: str | None = None
         self._spectral_applied_at: int | None = None
         batches_per_epoch = math.ceil(len(self.train_dataset) / (self.args.train_batch_size * self.args.world_size))
         self._steps_per_epoch = max(1, math.ceil(batches_per_epoch / self.args.gradient_accumulation_steps))
@@ -96,6 +104,37 @@ class AdapterTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, f"{output_dir}/training_args.bin")
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into ``.incomplete-checkpoint-N/`` and renamed into place once every
+        process has written its part; then the Trainer's rotation (--save_total_limit) on the real folder."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = staging_folder(run_dir, name)
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)  # rotates inside the staging folder: a no-op
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best is not None and best.startswith(str(staging)):  # the Trainer saw the staged path
+                self.state.best_model_checkpoint = str(run_dir / name)
+                self.state.save_to_json(str(staging / name / TRAINER_STATE))
+            if self.run_identity is not None:
+                write_identity(staging / name, self.run_identity)
+            publish_checkpoint(staging / name, run_dir / name)
+            staging.rmdir()
+            rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint,
+                               use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_adapter_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)

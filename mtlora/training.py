@@ -10,17 +10,18 @@ from pathlib import Path
 
 import torch
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from mtlora.arguments import AdapterTrainingArguments, DataArguments, ModelArguments
 from mtlora.checkpoint import is_adapter_checkpoint, save_adapter
-from mtlora.config import AdapterConfig
+from mtlora.config import AdapterConfig, warn_ignored
 from mtlora.errors import InvalidInput, MissingInput
 from mtlora.injection import attach_adapters, detach_adapters, find_decoder_layers
 from mtlora.library import resolve_lora_checkpoints
-from mtlora.loading import build_meta_model, load_base_model, load_tokenizer
+from mtlora.loading import build_meta_model, is_config_only, load_base_model, load_tokenizer, resolve_model_source
 from mtlora.losses import AuxiliaryLosses
 from mtlora.params import count_parameters, format_parameter_count
+from mtlora.run_folder import (TRAIN_SUMMARY, check_resume_checkpoint, claim_output_dir, last_valid_checkpoint,
+                               resumes_last, run_identity)
 from mtlora.trainer import AdapterTrainer, ProgressFile, write_progress
 from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records, task_labels
 
@@ -36,19 +37,11 @@ def compile_decoder_layers(model) -> None:
 
 def count_only(model_args: ModelArguments, adapter_config: AdapterConfig) -> int:
     """Attach adapters to a meta-device model and print ``trainable params: N``."""
-    model = attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config)
+    warn_ignored(adapter_config.ignored_flags())
+    model = attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config.effective())
     trainable, total = count_parameters(model)
     print(format_parameter_count(trainable, total))
     return trainable
-
-
-def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
-    """``last`` (or ``true``) means the newest checkpoint in --output_dir, if there is one."""
-    if resume_from_checkpoint is None or resume_from_checkpoint.lower() not in ("last", "true"):
-        if resume_from_checkpoint and not Path(resume_from_checkpoint).is_dir():
-            raise MissingInput(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
-        return resume_from_checkpoint
-    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
 
 
 def deepspeed_zero_stage(training_args: AdapterTrainingArguments) -> int | None:
@@ -70,12 +63,50 @@ def check_distributed_support(aux_losses: AuxiliaryLosses, training_args: Adapte
                          "partitions: use --deepspeed configs/ds_zero2.json or plain DDP")
 
 
+def check_training_arguments(training_args: AdapterTrainingArguments) -> None:
+    """The Trainer flags it would only reject (or silently accept) after the model is loaded."""
+    for flag, value, minimum in (("--per_device_train_batch_size", training_args.per_device_train_batch_size, 1),
+                                 ("--gradient_accumulation_steps", training_args.gradient_accumulation_steps, 1)):
+        if value < minimum:
+            raise InvalidInput(f"{flag} must be >= {minimum}, got {value}")
+    for flag, value in (("--weight_decay", training_args.weight_decay),
+                        ("--max_grad_norm", training_args.max_grad_norm)):
+        if value is not None and value < 0:
+            raise InvalidInput(f"{flag} must be >= 0, got {value}")
+    for flag, value in (("--seed", training_args.seed), ("--data_seed", training_args.data_seed)):
+        if value is not None and not 0 <= value < 2**32:
+            raise InvalidInput(f"{flag} must be in [0, 2**32), got {value}")
+    if training_args.learning_rate <= 0:
+        raise InvalidInput(f"--learning_rate must be > 0, got {training_args.learning_rate}")
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise InvalidInput(f"--num_train_epochs must be > 0 (or --max_steps > 0), got {training_args.num_train_epochs}")
+    if training_args.save_strategy == "steps" and training_args.save_steps <= 0:
+        raise InvalidInput(f"--save_steps must be > 0, got {training_args.save_steps}")
+
+
+def claim_run_folder(training_args: AdapterTrainingArguments, identity: dict) -> tuple[str | None, list[str]]:
+    """Check --resume_from_checkpoint, make --output_dir this run's; returns (checkpoint to resume from or None,
+    how an explicitly given checkpoint's run differs from this one)."""
+    resume = training_args.resume_from_checkpoint
+    differences = check_resume_checkpoint(resume, identity) if resume and not resumes_last(resume) else []
+    with training_args.main_process_first(local=False, desc="claiming --output_dir"):
+        claim_output_dir(training_args.output_dir, identity, training_args.overwrite_output_dir,
+                         resuming=resume is not None, is_main=training_args.should_save)
+    if resumes_last(resume):
+        resume = last_valid_checkpoint(training_args.output_dir, identity)
+    return resume, differences
+
+
 def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
                  aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments,
                  callbacks: list | None = None) -> dict:
     """Train adapters and save them in --output_dir; returns the run summary (also written as JSON)."""
     adapter_config.validate()
     aux_losses.validate(adapter_config)
+    check_training_arguments(training_args)
+    ignored_flags = adapter_config.ignored_flags() + aux_losses.ignored_flags()
+    warn_ignored(ignored_flags)
+    adapter_config = adapter_config.effective()  # what the run records
     check_distributed_support(aux_losses, training_args)
     if adapter_config.is_mole:  # absolute paths: the checkpoint's config names the library wherever it is read
         adapter_config.lora_library = [str(Path(p).resolve())
@@ -88,12 +119,19 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     adapter_config.task_names = task_labels(records)
     # Every check that needs the model's shapes (target names, group sizes), on the architecture alone.
     attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config)
+    folder, gguf_file = resolve_model_source(model_args.model_name_or_path)
+    if gguf_file is None and is_config_only(folder):
+        raise InvalidInput(f"--model_name_or_path {folder}: holds only config.json; training needs the weights "
+                           "(a config-only folder serves --count_params_only)")
     if data_args.train_per_task:
-        return train_task_library(model_args, data_args, adapter_config, aux_losses, training_args, records, callbacks)
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    return train_adapter(load_model(model_args, training_args), tokenizer, records, model_args, data_args,
-                         adapter_config, aux_losses, training_args, resume, callbacks)
+        return train_task_library(model_args, data_args, adapter_config, aux_losses, training_args, records,
+                                  ignored_flags, callbacks)
+    identity = run_identity(model_args.model_name_or_path, data_args.data_path, data_args.max_seq_length,
+                            adapter_config, aux_losses.effective(), training_args)
+    resume, resumed_differences = claim_run_folder(training_args, identity)
+    return train_adapter(load_model(model_args, training_args), load_tokenizer(model_args.model_name_or_path),
+                         records, model_args, data_args, adapter_config, aux_losses, training_args, identity,
+                         resume, resumed_differences, ignored_flags, callbacks)
 
 
 def load_model(model_args: ModelArguments, training_args: AdapterTrainingArguments):
@@ -103,7 +141,8 @@ def load_model(model_args: ModelArguments, training_args: AdapterTrainingArgumen
 
 def train_adapter(base_model, tokenizer, records: list[dict], model_args: ModelArguments, data_args: DataArguments,
                   adapter_config: AdapterConfig, aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments,
-                  resume: str | None = None, callbacks: list | None = None) -> dict:
+                  identity: dict, resume: str | None = None, resumed_differences: list[str] = (),
+                  ignored_flags: list[str] = (), callbacks: list | None = None) -> dict:
     """Attach adapters to ``base_model``, train them on ``records``, save them in --output_dir; returns the summary."""
     dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length, adapter_config.task_names)
     set_seed(training_args.seed)  # adapter and router initialisation is part of the run's seeded state
@@ -116,30 +155,31 @@ def train_adapter(base_model, tokenizer, records: list[dict], model_args: ModelA
 
     trainer = AdapterTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[ProgressFile(training_args.output_dir),
-                                                                          *(callbacks or [])],
-        adapter_config=adapter_config, aux_losses=aux_losses,
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        callbacks=[ProgressFile(training_args.output_dir), *(callbacks or [])],
+        adapter_config=adapter_config, aux_losses=aux_losses, run_identity=identity,
     )
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
-    save_adapter(model, adapter_config, training_args.output_dir)
     summary = {
         "model": model_args.model_name_or_path, "adapter_config": adapter_config.to_dict(),
-        "auxiliary_losses": dataclasses.asdict(aux_losses),
+        "auxiliary_losses": aux_losses.effective(), "ignored_flags": list(ignored_flags),
         "trainable_params": trainable, "total_params": total, "train_examples": len(dataset),
         "truncated_examples": dataset.num_truncated, "resumed_from": resume,
+        "resumed_from_differences": list(resumed_differences),
         "global_step": result.global_step, "train_loss": result.training_loss,
         "train_seconds": time.perf_counter() - started, "metrics": result.metrics,
         "log_history": trainer.state.log_history,
     }
-    if trainer.args.should_save:
-        Path(training_args.output_dir, "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if trainer.args.should_save:  # the summary first: the adapter's files mark the run as finished
+        Path(training_args.output_dir, TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        save_adapter(model, adapter_config, training_args.output_dir)
     return summary
 
 
 def train_task_library(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
                        aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments, records: list[dict],
-                       callbacks: list | None = None) -> dict:
+                       ignored_flags: list[str] = (), callbacks: list | None = None) -> dict:
     """``--train_per_task``: one adapter per task label into ``<output_dir>/<task>/``, each trained as its own run
     (same flags and seed) on that task's records; the base model is loaded once; finished tasks are skipped."""
     tokenizer = load_tokenizer(model_args.model_name_or_path)
@@ -148,16 +188,19 @@ def train_task_library(model_args: ModelArguments, data_args: DataArguments, ada
     for index, task in enumerate(adapter_config.task_names):
         output_dir = Path(training_args.output_dir) / task
         write_progress(training_args.output_dir, f"task {task}", index, len(adapter_config.task_names))
-        if is_adapter_checkpoint(output_dir) and (output_dir / "train_summary.json").is_file():
-            summaries[task] = json.loads((output_dir / "train_summary.json").read_text())
+        if is_adapter_checkpoint(output_dir) and (output_dir / TRAIN_SUMMARY).is_file():
+            summaries[task] = json.loads((output_dir / TRAIN_SUMMARY).read_text())
             continue
         task_args = copy.deepcopy(training_args)
         task_args.output_dir = str(output_dir)
         config = dataclasses.replace(adapter_config)
         config.task_names = [task]
+        identity = run_identity(model_args.model_name_or_path, data_args.data_path, data_args.max_seq_length,
+                                config, aux_losses.effective(), task_args)
+        resume, _ = claim_run_folder(task_args, identity)
         summaries[task] = train_adapter(base_model, tokenizer, [r for r in records if r["task_type"] == task],
-                                        model_args, data_args, config, aux_losses, task_args,
-                                        resolve_resume(training_args.resume_from_checkpoint, str(output_dir)), callbacks)
+                                        model_args, data_args, config, aux_losses, task_args, identity, resume,
+                                        ignored_flags=ignored_flags, callbacks=callbacks)
         detach_adapters(base_model)
     summary = {"tasks": {t: {k: s[k] for k in ("train_examples", "global_step", "train_loss", "train_seconds",
                                                  "trainable_params")} for t, s in summaries.items()},

@@ -27,13 +27,19 @@ class DataFormatError(InvalidInput):
     """A training record is malformed; the message names the file and line."""
 
 
-def _raw_records(path: Path) -> list[tuple[int, object]]:
-    """(line number, parsed value) pairs from a JSON list or a JSONL file."""
+def read_utf8(path: str | Path) -> str:
+    """The text of a UTF-8 file; raises :class:`DataFormatError` naming ``file:line`` when it is not UTF-8."""
+    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[:err.start].count(b"\n") + 1
         raise DataFormatError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _raw_records(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed value) pairs from a JSON list or a JSONL file."""
+    text = read_utf8(path)
     if text.lstrip().startswith("["):
         try:
             values = json.loads(text)

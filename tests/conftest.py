@@ -60,3 +60,15 @@ def smollm2_tokenizer():
     from mtlora.loading import load_tokenizer
 
     return load_tokenizer(None)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if base model weights are loaded (building the architecture on the meta device is allowed)."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))

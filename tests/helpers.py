@@ -143,6 +143,30 @@ def skip_without_shared_data() -> None:
         pytest.skip(f"shared data not found at {SHARED_DATA}")
 
 
+def training_arguments(model_dir, data_path, output_dir, adapter: AdapterConfig | None = None, losses=None,
+                       max_seq_length: int = 48, **overrides) -> tuple:
+    """The five argument objects of train.py for a short CPU run (default: block-level mtLoRA with both
+    auxiliary losses, 6 steps of batch 4, a checkpoint every 3 steps); ``overrides``: TrainingArguments."""
+    from mtlora.arguments import AdapterTrainingArguments, DataArguments, ModelArguments
+    from mtlora.losses import AuxiliaryLosses
+
+    adapter = adapter or AdapterConfig(method="mtlora", lora_nums=4, enable_block_adapter=True, lora_dropout=0.1)
+    losses = losses or AuxiliaryLosses(enable_blc=True, enable_spectral_reg=True, spectral_reg_steps=2)
+    training = dict(output_dir=str(output_dir), max_steps=6, per_device_train_batch_size=4, save_steps=3,
+                    logging_steps=1, learning_rate=5e-3, use_cpu=True, dataloader_num_workers=0, save_total_limit=None)
+    training.update(overrides)
+    return (ModelArguments(str(model_dir) if model_dir else None),
+            DataArguments(str(data_path), max_seq_length=max_seq_length), adapter, losses,
+            AdapterTrainingArguments(**training))
+
+
+def saved_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``folder/adapter_model.safetensors``."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
 def random_adapter_checkpoint(folder: Path, config: AdapterConfig, seed: int = 3, scale: float = 0.1,
                               zero_router: bool = False, identical_experts: bool = False, **model_overrides) -> str:
     """Save the adapters of ``config`` on a tiny LLaMA (``model_overrides``: its config) with random non-zero

@@ -168,3 +168,35 @@ def test_bad_local_source_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "bbh" / "task.json").write_text(json.dumps({"rows": []}))
     assert prepare.main(["bbh", "--source", str(tmp_path / "bbh"), "--output_dir", str(tmp_path / "o")]) == 2
     assert "task.json" in capsys.readouterr().err
+
+
+def test_a_corrupt_sdist_or_task_file_is_named(sdist, tmp_path, capsys):
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(sdist.read_bytes()[: sdist.stat().st_size // 2])  # an interrupted download
+    assert run_bigbench(truncated, tmp_path / "o", "--num_tasks", "1") == 2
+    assert f"--sdist {truncated}: not a complete .tar.gz" in capsys.readouterr().err
+    broken = write_sdist(tmp_path / "broken.tar.gz", {"alpha": generative("alpha", 30)})
+    with tarfile.open(broken, "w:gz") as archive:
+        for folder, data in (("alpha", b'{"examples": [\n{"input": }'), ("beta", b"[1, 2]")):
+            info = tarfile.TarInfo(f"{ROOT}/{folder}/task.json")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    assert run_bigbench(broken, tmp_path / "o", "--num_tasks", "1") == 2
+    assert f"--sdist {broken}: {ROOT}/alpha/task.json:2: invalid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["flan", "dolly"])
+def test_a_source_record_that_is_not_an_object_is_named_by_line(command, tmp_path, capsys):
+    source = tmp_path / "source.jsonl"
+    good = {"inputs": "q", "targets": "a", "task_name": "t", "instruction": "i", "context": "", "response": "r",
+            "category": "c"}
+    source.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '"just text"\n')
+    assert prepare.main([command, "--source", str(source), "--output_dir", str(tmp_path / "o")]) == 2
+    assert f"{source}:3: expected a JSON object (a record), got str" in capsys.readouterr().err
+    latin1 = json.dumps({**good, "response": "caf\xe9"}, ensure_ascii=False).encode("latin-1")
+    source.write_bytes(json.dumps(good).encode() + b"\n" + latin1)
+    assert prepare.main([command, "--source", str(source), "--output_dir", str(tmp_path / "o")]) == 2
+    assert f"{source}:2: not UTF-8 text" in capsys.readouterr().err
+    source.write_text(json.dumps({**good, "response": 3, "targets": 3}) + "\n")
+    assert prepare.main([command, "--source", str(source), "--output_dir", str(tmp_path / "o")]) == 2
+    assert f"{source}:1: " in capsys.readouterr().err

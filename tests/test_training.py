@@ -8,13 +8,14 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from mtlora.arguments import AdapterTrainingArguments, DataArguments, ModelArguments
+from mtlora.arguments import AdapterTrainingArguments
 from mtlora.config import AdapterConfig
 from mtlora.injection import attach_adapters, set_task_ids
 from mtlora.losses import AuxiliaryLosses, balance_loss
 from mtlora.training import run_training
 from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records
-from tests.helpers import METHODS, adapter_config, requires_smollm2, tiny_llama
+from tests.helpers import (METHODS, adapter_config, requires_smollm2, saved_adapter_tensors, tiny_llama,
+                           training_arguments)
 from train import main as train_main
 
 
@@ -34,16 +35,6 @@ def test_one_optimisation_step_lowers_the_loss(name, multitask_records, tokenize
     assert after < before
 
 
-def _args(model_dir, data_path, output_dir, **overrides):
-    adapter = AdapterConfig(method="mtlora", lora_nums=4, enable_block_adapter=True, lora_dropout=0.1)
-    losses = AuxiliaryLosses(enable_blc=True, enable_spectral_reg=True, spectral_reg_steps=2)
-    training = dict(output_dir=str(output_dir), max_steps=6, per_device_train_batch_size=4, save_steps=3,
-                    logging_steps=1, learning_rate=5e-3, use_cpu=True, dataloader_num_workers=0, save_total_limit=None)
-    training.update(overrides)
-    return (ModelArguments(str(model_dir) if model_dir else None), DataArguments(str(data_path), max_seq_length=48),
-            adapter, losses, AdapterTrainingArguments(**training))
-
-
 class _KillAtStep(TrainerCallback):
     def __init__(self, step: int):
         self.step = step
@@ -53,21 +44,16 @@ class _KillAtStep(TrainerCallback):
             raise KeyboardInterrupt("simulated kill")
 
 
-def _adapter_tensors(output_dir: Path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(str(output_dir / "adapter_model.safetensors"))
-
-
 def test_killed_run_resumes_to_the_same_state(tiny_model_dir, multitask_records, tmp_path):
     straight = tmp_path / "straight"
-    run_training(*_args(tiny_model_dir, multitask_records, straight))
+    run_training(*training_arguments(tiny_model_dir, multitask_records, straight))
     killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        run_training(*_args(tiny_model_dir, multitask_records, killed), callbacks=[_KillAtStep(4)])
+        run_training(*training_arguments(tiny_model_dir, multitask_records, killed), callbacks=[_KillAtStep(4)])
     assert (killed / "checkpoint-3").is_dir() and not (killed / "adapter_model.safetensors").exists()
-    summary = run_training(*_args(tiny_model_dir, multitask_records, killed, resume_from_checkpoint="last"))
+    summary = run_training(*training_arguments(tiny_model_dir, multitask_records, killed, resume_from_checkpoint="last"))
     assert summary["resumed_from"].endswith("checkpoint-3")
-    expected, resumed = _adapter_tensors(straight), _adapter_tensors(killed)
+    expected, resumed = saved_adapter_tensors(straight), saved_adapter_tensors(killed)
     assert expected.keys() == resumed.keys()
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6)
@@ -76,7 +62,7 @@ def test_killed_run_resumes_to_the_same_state(tiny_model_dir, multitask_records,
 @requires_smollm2
 def test_short_mtlora_run_on_smollm2_lowers_the_loss(multitask_records, tmp_path):
     output = tmp_path / "smollm2"
-    summary = run_training(*_args(None, multitask_records, output, max_steps=20, per_device_train_batch_size=8,
+    summary = run_training(*training_arguments(None, multitask_records, output, max_steps=20, per_device_train_batch_size=8,
                                   logging_steps=2, save_steps=100, learning_rate=1e-3))
     losses = [entry["loss"] for entry in summary["log_history"] if "loss" in entry]
     assert len(losses) == 10
@@ -178,10 +164,11 @@ def test_compiled_decoder_layers_match_eager_loss_and_gradients():
 def test_train_per_task_writes_a_library_the_merges_read(tiny_model_dir, multitask_records, tmp_path):
     from mtlora.library import resolve_lora_checkpoints
 
-    model_args, data_args, _, _, training = _args(tiny_model_dir, multitask_records, tmp_path / "library", max_steps=2)
+    model_args, data_args, adapter, losses, training = training_arguments(
+        tiny_model_dir, multitask_records, tmp_path / "library", AdapterConfig(method="lora", lora_rank=4),
+        AuxiliaryLosses(), max_steps=2)
     data_args.train_per_task = True
-    losses = AuxiliaryLosses()
-    summary = run_training(model_args, data_args, AdapterConfig(method="lora", lora_rank=4), losses, training)
+    summary = run_training(model_args, data_args, adapter, losses, training)
     assert sorted(summary["tasks"]) == ["first", "reverse", "upper"]
     assert all(task["train_examples"] == 32 and task["global_step"] == 2 for task in summary["tasks"].values())
     checkpoints = resolve_lora_checkpoints(str(tmp_path / "library"))
