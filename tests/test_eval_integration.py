@@ -47,7 +47,7 @@ def test_bbh_batched_matches_reference_loop(smollm2, shared_data, tmp_path):  # 
     summary = run_bbh(model, tokenizer, shared_data / "bbh", tasks=BBH_TASKS, limit=ITEMS, batch_size=4,
                       max_new_tokens=16, output_dir=tmp_path)
     assert summary["num_examples"] == 2 * ITEMS and summary["num_truncated"] == 0
-    for value in (*summary["macro_avg"].values(), *(t[k] for t in summary["tasks"].values() for k in ("exact", "lenient"))):
+    for value in (*summary["macro_avg"].values(), *(t[k] for t in summary["tasks"].values() for k in ("extracted_match", "lenient"))):
         assert 0.0 <= value <= 1.0
     for task in BBH_TASKS:
         items = load_bbh_task(shared_data / "bbh" / f"{task}.json")
@@ -64,7 +64,8 @@ def test_mmlu_batched_matches_reference_loop(smollm2, shared_data, tmp_path):  #
     summary = run_mmlu(model, tokenizer, shared_data / "mmlu", subjects=MMLU_SUBJECTS, limit=ITEMS,
                        batch_size=4, output_dir=tmp_path)
     assert summary["num_examples"] == 2 * ITEMS
-    assert summary["truncation"] == {"prompts_with_dropped_exemplars": 0, "prompts_cut_from_left": 0}
+    assert summary["truncation"] == {"mode": "reference", "max_length": 2048, "prompts_cut": 0,
+                                     "prompts_with_dropped_exemplars": 0}
     for scorer in summary["scorers"].values():
         assert 0.0 <= scorer["micro"] <= 1.0 and 0.0 <= scorer["macro"] <= 1.0 and len(scorer["categories"]) == 2
     letters = letter_token_ids(tokenizer)

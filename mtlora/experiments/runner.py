@@ -179,7 +179,7 @@ def collect(run_dir: Path) -> dict:
     if (heldout := _read_summary(run_dir, "heldout")) is not None:
         result.update(heldout_exact=heldout["average"]["exact"], heldout_lenient=heldout["average"]["lenient"])
     if (bbh := _read_summary(run_dir, "bbh")) is not None:
-        result.update(bbh_lenient=bbh["macro_avg"]["lenient"], bbh_exact=bbh["macro_avg"]["exact"])
+        result.update(bbh_lenient=bbh["macro_avg"]["lenient"], bbh_extracted_match=bbh["macro_avg"]["extracted_match"])
     if (mmlu := _read_summary(run_dir, "mmlu")) is not None:
         result.update(mmlu_generate=mmlu["scorers"]["generate"]["micro"], mmlu_loglik=mmlu["scorers"]["loglik"]["micro"])
     return result
@@ -195,10 +195,10 @@ def _params(value) -> str:
 
 def render(table: Table, scale: Scale, results: list[dict]) -> str:
     """Markdown table: our numbers (both scorers of each benchmark) beside the paper's."""
-    header = ["row", "params (ours)", "params (paper)", "held-out exact", "BBH lenient", "BBH exact",
+    header = ["row", "params (ours)", "params (paper)", "held-out exact", "BBH lenient", "BBH extracted_match",
               "MMLU generate", "MMLU loglik", "paper BBH", "paper MMLU", "track"]
     rows = [[r["label"], _params(r.get("trainable_params")), r["paper"].get("params", "—"), _pct(r.get("heldout_exact")),
-             _pct(r.get("bbh_lenient")), _pct(r.get("bbh_exact")), _pct(r.get("mmlu_generate")),
+             _pct(r.get("bbh_lenient")), _pct(r.get("bbh_extracted_match")), _pct(r.get("mmlu_generate")),
              _pct(r.get("mmlu_loglik")), r["paper"].get("bbh", "—"), r["paper"].get("mmlu", "—"), r["track"]]
             for r in results]
     return f"## {table.title} (scale: {scale.name})\n\n" + markdown_table(header, rows)
