@@ -147,7 +147,8 @@ def _run_batched(model: PreTrainedModel, prompts: Sequence[Sequence[int]], group
     size = batch_size or AUTO_BATCH_START["cuda" if model.device.type == "cuda" else "cpu"]
     independent = rows_are_independent(model)
     mine = distributed.shard(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
-    plan = group_prompts(prompts, groups, mine, share_prefix and independent)
+    sliding = getattr(model.config, "sliding_window", None)  # a window would need the prefix cache to slide too
+    plan = group_prompts(prompts, groups, mine, share_prefix and independent and not sliding)
     results: dict[int, object] = {}
     with tqdm(total=len(prompts), desc=desc, unit="ex", disable=not distributed.is_main()) as progress:
         for group in plan:
@@ -160,6 +161,8 @@ def _run_batched(model: PreTrainedModel, prompts: Sequence[Sequence[int]], group
                 except torch.OutOfMemoryError:
                     if batch_size is not None or size == 1:
                         raise
+                    outputs = None  # leave the except block first, so the failed batch's tensors can be freed
+                if outputs is None:
                     size //= 2
                     runner.release_memory()
                     continue
