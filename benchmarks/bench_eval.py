@@ -44,7 +44,7 @@ import transformers
 from transformers import AutoTokenizer, GenerationConfig
 
 from benchmarks.bench_adapters import FULL, QUICK, TINY_MODEL, attach, build_model
-from mtlora.evaluation.batching import eos_token_ids, length_sorted_batches, next_token_scores, pad_token_id, truncate_left
+from mtlora.evaluation.batching import eos_token_ids, next_token_scores, pad_token_id, truncate_left
 from mtlora.evaluation.bbh import NUM_EXEMPLARS, build_bbh_prompt, load_bbh, run_bbh, score_bbh_task
 from mtlora.evaluation.mmlu import (fit_prompt, format_header, letter_token_ids, load_mmlu, run_mmlu, score_subject)
 from mtlora.evaluation.prefix import left_pad
@@ -132,7 +132,8 @@ def before_bbh(model, tokenizer, data_dir: Path, limit: int | None, batch_size: 
         prompts += [truncate_left(tokenizer(build_bbh_prompt(task[:NUM_EXEMPLARS], item["input"])).input_ids, budget,
                                   keep_first=tokenizer.bos_token_id) for item in scored]
     generations = [""] * len(prompts)
-    for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # length-sorted, longest first
+    for batch in (order[start:start + batch_size] for start in range(0, len(order), batch_size)):
         input_ids, mask = left_pad([prompts[i] for i in batch], pad)
         output = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
                                 generation_config=config)

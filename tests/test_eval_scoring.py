@@ -9,7 +9,7 @@ from mtlora.config import AdapterConfig
 from mtlora.evaluation.answers import (CHOICE, FREE, LABEL, NUMBER, answer_line, argmax_letter, exact_match,
                                        extract_answer, infer_answer_kind, lenient_match, normalize, reference_letter,
                                        score_generated_letter)
-from mtlora.evaluation.batching import generate_batched, length_sorted_batches, next_token_scores, truncate_left
+from mtlora.evaluation.batching import generate_batched, next_token_scores, truncate_left, truncate_right
 from mtlora.evaluation.prefix import left_pad, position_ids_from_mask
 from mtlora.evaluation.bbh import BBH_DIFFICULTY, BBH_TASKS, accuracy_by_difficulty, score_bbh_task, summarize_bbh
 from mtlora.evaluation.heldout import summarize_heldout
@@ -194,14 +194,14 @@ def test_heldout_summary_averages_over_tasks():
 
 
 def test_batching_helpers():
-    assert length_sorted_batches([1, 5, 3, 5], 2) == [[1, 3], [2, 0]]
     input_ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert position_ids_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
     assert truncate_left([1, 10, 11, 12], 3, keep_first=1) == [1, 11, 12]
     assert truncate_left([10, 11, 12], 2, keep_first=1) == [11, 12]
+    assert truncate_right([1, 10, 11, 12], 3) == [1, 10, 11] and truncate_right([1, 10], 3) == [1, 10]
     with pytest.raises(ValueError, match="--batch_size"):
-        length_sorted_batches([1], 0)
+        next_token_scores(tiny_llama(vocab_size=50), IdTokenizer(), [[1, 2]], [3], batch_size=0)
 
 
 class IdTokenizer:

@@ -100,14 +100,6 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 
 # ----------------------------------------------------------------------------------------- batches
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first."""
-    if batch_size < 1:
-        raise InvalidInput(f"--batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
 @dataclass
 class PromptGroup:
     """Rows that share ``prefix`` (token ids, possibly empty), longest remaining suffix first."""

@@ -158,10 +158,11 @@ def run_bbh(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_dir
 
     Over-long prompts (``truncation``): ``reference`` keeps the first ``max_length`` tokens (default 2,048);
     ``fit`` cuts from the left so prompt + ``max_new_tokens`` fit ``max_length`` (default: the model's max
-    positions). Cut prompts are counted. ``batch_size=None`` chooses it automatically; ``share_prefix``
-    runs each task's exemplars once (same results); ``stop_strings`` end a generation early (default: EOS
-    only, as the reference). ``metadata`` (e.g. the model name) is stored with the settings. With
-    ``output_dir``: ``tasks/<task>.json`` (every prediction), ``summary.json`` and ``summary.md``.
+    positions). Cut prompts are counted. ``batch_size=None`` chooses it automatically; ``share_prefix`` runs
+    each task's exemplars once (the same results up to floating-point rounding); ``stop_strings`` end a
+    generation early (default: EOS only, as the reference). ``metadata`` (e.g. the model name) is stored with
+    the settings. With ``output_dir``: ``tasks/<task>.json`` (every prediction), ``summary.json`` and
+    ``summary.md``.
     """
     check_choice("--truncation", truncation, TRUNCATIONS)
     model.eval()

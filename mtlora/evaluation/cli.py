@@ -40,7 +40,7 @@ def add_protocol_args(parser: argparse.ArgumentParser, fit_help: str) -> None:
                              "max positions with fit)")
     parser.add_argument("--no_prefix_sharing", dest="share_prefix", action="store_false",
                         help="run every prompt whole instead of running each task's exemplars once and reusing their "
-                             "keys and values (same results; for timing or debugging)")
+                             "keys and values (the same results up to floating-point rounding; for timing or debugging)")
 
 
 def batch_size_arg(text: str) -> int | None:

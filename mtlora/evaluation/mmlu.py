@@ -257,8 +257,8 @@ def run_mmlu(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data_di
     ``scorer`` / ``truncation`` / ``category_average``: the reference's forms by default, the corrected
     ones on request (module docstring). ``max_length``: the prompt's token limit, by default 2,048 under
     ``reference`` and the model's max positions (prompt + answer token) under ``fit``. ``batch_size=None``
-    chooses it automatically; ``share_prefix`` runs each subject's exemplars once (same results).
-    ``metadata`` (e.g. the model name) is stored with the settings.
+    chooses it automatically; ``share_prefix`` runs each subject's exemplars once (the same results up to
+    floating-point rounding). ``metadata`` (e.g. the model name) is stored with the settings.
     With ``output_dir``: ``subjects/<subject>.json``, ``summary.json`` and ``summary.md``.
     """
     check_choice("--mmlu_scorer", scorer, MMLU_SCORERS)
