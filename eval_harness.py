@@ -4,7 +4,8 @@ The numbers the rest of the field reports, from lm-evaluation-harness itself (lm
 exemplars and metrics; only the data is read from the local folders, no network):
   mmlu               letters A-D by log-likelihood (lm-eval's prompt)     acc,none
   mmlu_continuation  answer texts by log-likelihood (cloze)               acc,none and acc_norm,none
-  bbh_fewshot        3 fixed exemplars, greedy generation                 exact_match,none
+  bbh_fewshot        3 fixed exemplars, greedy generation                 exact_match,none and
+                                                                          exact_match,remove_whitespace
 Groups (mmlu and its categories, bbh_fewshot) are aggregated by lm-eval when every subject / task runs.
 The paper's protocol is eval_mmlu.py / eval_bbh.py.
 
@@ -17,7 +18,8 @@ import argparse
 import sys
 
 from mtlora.errors import UsageError
-from mtlora.evaluation.cli import add_model_args, add_run_args, check_positive, default_data_dir, load_for_eval, model_metadata
+from mtlora.evaluation.cli import (add_model_args, add_run_args, check_model_args, check_positive, default_data_dir,
+                                   load_for_eval, model_metadata)
 from mtlora.evaluation.harness import harness_markdown, resolve_benchmarks, run_harness
 from mtlora.evaluation.harness_tasks import BENCHMARKS
 
@@ -39,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dev exemplars for the MMLU tasks (default: lm-eval's, 0; the leaderboard convention is 5); "
                              "bbh_fewshot always uses its 3 fixed exemplars")
     args = parser.parse_args(argv)
-    check_positive(parser, args, "batch_size", "limit")
+    check_model_args(parser, args)
+    check_positive(parser, args, "limit")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         parser.error(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
     try:  # check the data before spending time on loading the model
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_for_eval(args)
     summary = run_harness(model, tokenizer, args.tasks, mmlu_dir=args.mmlu_dir, bbh_dir=args.bbh_dir,
                           subjects=args.subjects, bbh_tasks=args.bbh_tasks, limit=args.limit,
-                          batch_size=args.batch_size, num_fewshot=args.num_fewshot, output_dir=args.output_dir,
+                          batch_size=args.batch_size or ("auto" if args.device.startswith("cuda") else 8),
+                          num_fewshot=args.num_fewshot, output_dir=args.output_dir,
                           metadata=model_metadata(args))
     print(harness_markdown(summary))
     print(f"\nresults written to {args.output_dir}/ (summary.json, summary.md, lm_eval_results.json, samples/*.json, "

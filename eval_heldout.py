@@ -1,5 +1,7 @@
 """Held-out accuracy over the trained tasks: greedy answers to instruction records, exact/lenient match.
 
+Several processes split the records: `accelerate launch eval_heldout.py ...`.
+
 Example: python eval_heldout.py --eval_file data/processed/bigbench25/eval.jsonl --lora_checkpoint runs/x
 """
 
@@ -9,7 +11,9 @@ import argparse
 import sys
 
 from mtlora.errors import UsageError
-from mtlora.evaluation.cli import add_model_args, add_run_args, check_positive, load_for_eval, model_metadata
+from mtlora.evaluation import distributed
+from mtlora.evaluation.cli import (add_model_args, add_run_args, check_model_args, check_positive, load_for_eval,
+                                   model_metadata)
 from mtlora.evaluation.heldout import evaluate_heldout, heldout_markdown
 from mtlora.training_data import read_instruction_records
 
@@ -22,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--max_length", type=int, default=None, help="context size (default: model max positions)")
     args = parser.parse_args(argv)
-    check_positive(parser, args, "batch_size", "limit", "max_new_tokens", "max_length")
+    check_model_args(parser, args)
+    check_positive(parser, args, "limit", "max_new_tokens", "max_length")
     return args
 
 
@@ -37,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                                max_new_tokens=args.max_new_tokens, limit=args.limit,
                                max_length=args.max_length, output_dir=args.output_dir,
                                metadata={**model_metadata(args), "eval_file": args.eval_file})
-    print(heldout_markdown(summary))
-    print(f"\nresults written to {args.output_dir}/ (summary.json, summary.md, predictions.json)")
+    if distributed.is_main():
+        print(heldout_markdown(summary))
+        print(f"\nresults written to {args.output_dir}/ (summary.json, summary.md, predictions.json)")
     return 0
 
 

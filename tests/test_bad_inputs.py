@@ -3,7 +3,7 @@ naming the flag or the file (``file:line`` for a record).
 
 One row per case: (entry point, argv, expected fragment). ``{name}`` in both is an input from :class:`Inputs`
 (built on demand under the test's tmp_path); each entry point runs in-process through its ``main(argv)``, with
-model loading forbidden (the ``no_model_loading`` fixture). A case marked xfail is a known gap, named in its reason.
+model loading forbidden (the ``no_model_loading`` fixture).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from mtlora.errors import UsageError
 from tests.helpers import (adapter_config, random_adapter_checkpoint, write_bbh_folder, write_lora_checkpoint,
                            write_mmlu_folder, write_multitask_records)
 
@@ -28,14 +27,11 @@ EVAL_HARNESS = "--model_name_or_path {model} --tasks mmlu --mmlu_dir {mmlu} --ou
 MERGE = "--method ties --output_dir {out} --model_name_or_path {model} "
 LORAHUB = "--output_dir {out} --model_name_or_path {model} "
 ANALYSIS = "--data_path {records} --output_dir {out} --model_name_or_path {model} "
-EVAL_CLI_GAP = ("the eval_*.py CLIs let a UsageError from load_for_eval (checkpoint or model path) out as a "
-                "traceback; the message is right and nothing is loaded")
 
 
-def case(module: str, base: str, argv: str, expected: str, gap: str | None = None):
-    """One row: ``module.main((base + argv).split())`` must fail saying ``expected``; ``gap``: a known failure."""
-    marks = [pytest.mark.xfail(strict=True, raises=UsageError, reason=gap)] if gap else []
-    return pytest.param(module, base + argv, expected, id=f"{module} {argv}", marks=marks)
+def case(module: str, base: str, argv: str, expected: str):
+    """One row: ``module.main((base + argv).split())`` must fail saying ``expected``."""
+    return pytest.param(module, base + argv, expected, id=f"{module} {argv}")
 
 
 CASES = [
@@ -81,29 +77,25 @@ CASES = [
     # evaluators
     case("eval_bbh", EVAL_BBH, "--data_dir {missing}", "--data_dir {missing}: no such folder"),
     case("eval_bbh", EVAL_BBH, "--tasks nope", "--tasks: unknown ['nope']"),
-    case("eval_bbh", EVAL_BBH, "--batch_size 0", "--batch_size must be >= 1, got 0"),
-    case("eval_bbh", EVAL_BBH, "--lora_checkpoint {missing}", "--lora_checkpoint {missing}: expected a folder",
-         EVAL_CLI_GAP),
+    case("eval_bbh", EVAL_BBH, "--batch_size 0", "--batch_size: expected a positive integer or auto, got 0"),
+    case("eval_bbh", EVAL_BBH, "--lora_checkpoint {missing}", "--lora_checkpoint {missing}: expected a folder"),
     case("eval_bbh", EVAL_BBH, "--lora_checkpoint {truncated}", "{truncated}/adapter_model.safetensors: not a "
-         "complete safetensors file", EVAL_CLI_GAP),
-    case("eval_bbh", EVAL_BBH, "--model_name_or_path {missing}", "--model_name_or_path {missing}: no such file",
-         EVAL_CLI_GAP),
+         "complete safetensors file"),
+    case("eval_bbh", EVAL_BBH, "--model_name_or_path {missing}", "--model_name_or_path {missing}: no such file"),
     case("eval_mmlu", EVAL_MMLU, "--data_dir {missing}", "--data_dir {missing}: expected folders dev/ and test/"),
     case("eval_mmlu", EVAL_MMLU, "--num_shots -1", "--num_shots must be >= 0, got -1"),
     case("eval_mmlu", EVAL_MMLU, "--subjects nope", "--subjects: unknown ['nope']"),
     case("eval_mmlu", EVAL_MMLU, "--lora_checkpoint {bad_config}", "{bad_config}/adapter_config.json: not a valid "
-         "JSON adapter config", EVAL_CLI_GAP),
+         "JSON adapter config"),
     case("eval_heldout", EVAL_HELDOUT, "--eval_file {missing}", "--eval_file {missing}: no such file"),
     case("eval_heldout", EVAL_HELDOUT, "--eval_file {latin1}", "{latin1}:2: not UTF-8 text"),
     case("eval_heldout", EVAL_HELDOUT, "--eval_file {not_objects}", "{not_objects}:1: expected a JSON object"),
     case("eval_heldout", EVAL_HELDOUT, "--limit 0", "--limit must be >= 1, got 0"),
-    case("eval_heldout", EVAL_HELDOUT, "--lora_checkpoint {truncated}", "{truncated}/adapter_model.safetensors",
-         EVAL_CLI_GAP),
+    case("eval_heldout", EVAL_HELDOUT, "--lora_checkpoint {truncated}", "{truncated}/adapter_model.safetensors"),
     case("eval_harness", EVAL_HARNESS, "--mmlu_dir {missing}", "--mmlu_dir {missing}: no such folder"),
     case("eval_harness", EVAL_HARNESS, "--num_fewshot -1", "--num_fewshot must be >= 0, got -1"),
     case("eval_harness", EVAL_HARNESS, "--subjects nope", "--subjects: unknown ['nope']"),
-    case("eval_harness", EVAL_HARNESS, "--lora_checkpoint {missing}", "--lora_checkpoint {missing}: expected a folder",
-         EVAL_CLI_GAP),
+    case("eval_harness", EVAL_HARNESS, "--lora_checkpoint {missing}", "--lora_checkpoint {missing}: expected a folder"),
     # baselines and generation
     case("merge_loras", MERGE, "--lora_checkpoints {missing}", "--lora_checkpoints {missing}: expected a folder"),
     case("merge_loras", MERGE, "--lora_checkpoints {lora} --density 1.5", "--density must be in (0, 1] for ties"),

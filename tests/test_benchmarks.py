@@ -55,3 +55,23 @@ def test_fused_mix_casts_float32_master_weights_like_a_cast_beforehand():
     torch.testing.assert_close(out, routed_expert_mix(code, weights, master.detach().bfloat16()))
     out.float().sum().backward()
     assert master.grad.dtype == torch.float32 and master.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_eval_benchmark_quick_run(tmp_path):
+    """bench_eval.py --quick: both models, both benchmarks, before and after, agreement with batch size 1."""
+    from benchmarks import bench_eval
+    from tests.helpers import write_bbh_folder, write_mmlu_folder
+
+    write_bbh_folder(tmp_path / "data" / "bbh")
+    write_mmlu_folder(tmp_path / "data" / "mmlu")
+    results = bench_eval.main(["--quick", "--data_dir", str(tmp_path / "data"), "--output", str(tmp_path / "eval.json")])
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["rows"] == results["rows"] and (tmp_path / "eval.md").is_file()
+    assert {(r["model"], r["benchmark"], r["variant"]) for r in saved["rows"]} == {
+        (m, b, v) for m in bench_eval.MODELS for b in bench_eval.BENCHMARKS for v in ("before", "after")}
+    assert all(r["items"] == 4 and r["questions_per_s"] > 0 for r in saved["rows"])  # 2 tasks / subjects x 2 items
+    # float32 on the CPU: the new path gives the former path's decisions and batch size 1's outputs
+    assert all(a["decisions_equal"] == 1.0 and a.get("outputs_equal", 1.0) == 1.0 for a in saved["agreement"])
+    assert len(saved["agreement"]) == 8 and set(saved["targets"]) == {
+        "smollm2 bbh >= 150/s", "smollm2 mmlu >= 1500/s", "llama7b bbh >= 25/s"}

@@ -7,6 +7,7 @@ padding: same generations / greedy tokens, log-probs within tolerance.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_bbh_batched_matches_reference_loop(smollm2, shared_data, tmp_path):  # 
     summary = run_bbh(model, tokenizer, shared_data / "bbh", tasks=BBH_TASKS, limit=ITEMS, batch_size=4,
                       max_new_tokens=16, output_dir=tmp_path)
     assert summary["num_examples"] == 2 * ITEMS and summary["num_truncated"] == 0
-    for value in (*summary["macro_avg"].values(), *(t[k] for t in summary["tasks"].values() for k in ("exact", "lenient"))):
+    for value in (*summary["macro_avg"].values(), *(t[k] for t in summary["tasks"].values() for k in ("extracted_match", "lenient"))):
         assert 0.0 <= value <= 1.0
     for task in BBH_TASKS:
         items = load_bbh_task(shared_data / "bbh" / f"{task}.json")
@@ -64,7 +65,8 @@ def test_mmlu_batched_matches_reference_loop(smollm2, shared_data, tmp_path):  #
     summary = run_mmlu(model, tokenizer, shared_data / "mmlu", subjects=MMLU_SUBJECTS, limit=ITEMS,
                        batch_size=4, output_dir=tmp_path)
     assert summary["num_examples"] == 2 * ITEMS
-    assert summary["truncation"] == {"prompts_with_dropped_exemplars": 0, "prompts_cut_from_left": 0}
+    assert summary["truncation"] == {"mode": "reference", "max_length": 2048, "prompts_cut": 0,
+                                     "prompts_with_dropped_exemplars": 0}
     for scorer in summary["scorers"].values():
         assert 0.0 <= scorer["micro"] <= 1.0 and 0.0 <= scorer["macro"] <= 1.0 and len(scorer["categories"]) == 2
     letters = letter_token_ids(tokenizer)
@@ -135,10 +137,66 @@ def test_eval_heldout_cli_smoke(tiny_model_dir, tmp_path):
     assert summary["num_examples"] == 3 and set(summary["tasks"]) == {"a", "b"}
 
 
-def test_cli_rejects_bad_input_before_loading_a_model(tmp_path, capsys):
+def _bbh_without_target(folder):
+    (folder / "labels.json").write_text(json.dumps([{"input": "a", "target": "b"}] * 4 + [{"input": "c"}]))
+
+
+def _bbh_exemplars_only(folder):
+    (folder / "labels.json").write_text(json.dumps([{"input": "a", "target": "b"}] * 3))
+
+
+def _mmlu_bad_answer(folder):
+    with (folder / "test" / "anatomy_test.csv").open("a") as handle:
+        handle.write("Q?,w,x,y,z,E\n")
+
+
+def _mmlu_missing_dev(folder):
+    (folder / "dev" / "philosophy_dev.csv").unlink()
+
+
+BBH_CASES = {
+    "missing folder": (lambda f: None, ["--data_dir", "MISSING"], "--data_dir"),
+    "item without target": (_bbh_without_target, [], r"labels.json: item 4 \(counting from 0\) has no target"),
+    "exemplars only": (_bbh_exemplars_only, [], r"labels.json: 3 items, none left to score after the 3 exemplars"),
+    "bad batch size": (lambda f: None, ["--batch_size", "0"], "--batch_size"),
+}
+MMLU_CASES = {
+    "unknown subject": (lambda f: None, ["--subjects", "astrology"], "--subjects.*anatomy, philosophy"),
+    "answer not A-D": (_mmlu_bad_answer, [], r"anatomy_test.csv:5: answer 'E' is neither"),
+    "missing dev file": (_mmlu_missing_dev, [], r"missing dev exemplars .*philosophy_dev.csv"),
+    "unknown header placeholder": (lambda f: None, ["--prompt_header", "About {topic}:"], r"--prompt_header.*\{subject\}"),
+    "more shots than exemplars": (lambda f: None, ["--num_shots", "6"], r"--num_shots 6: .*anatomy_dev.csv holds only 5"),
+    "bad truncation": (lambda f: None, ["--truncation", "middle"], "--truncation"),
+}
+
+
+@pytest.mark.parametrize("case", list(BBH_CASES) + list(MMLU_CASES))
+def test_cli_rejects_bad_input_before_loading_a_model(case, tmp_path, monkeypatch, capsys):
+    bbh = case in BBH_CASES
+    corrupt, flags, message = (BBH_CASES if bbh else MMLU_CASES)[case]
+    folder = write_bbh_folder(tmp_path / "bbh") if bbh else write_mmlu_folder(tmp_path / "mmlu")
+    corrupt(folder)
+    module = eval_bbh if bbh else eval_mmlu
+    monkeypatch.setattr(module, "load_for_eval", lambda args: pytest.fail("model loaded"))
+    flags = [str(tmp_path / "missing") if f == "MISSING" else f for f in flags]
     with pytest.raises(SystemExit):
-        eval_bbh.main(["--data_dir", str(tmp_path / "missing")])
-    assert "--data_dir" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        eval_mmlu.main(["--data_dir", str(write_mmlu_folder(tmp_path / "m")), "--subjects", "astrology"])
-    assert "anatomy, philosophy" in capsys.readouterr().err
+        module.main(["--data_dir", str(folder), *flags])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_records_the_protocol_and_device_settings(tiny_model_dir, tmp_path):
+    data = write_mmlu_folder(tmp_path / "mmlu")
+    out = tmp_path / "out"
+    assert eval_mmlu.main(["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(data), "--limit", "1",
+                           "--mmlu_scorer", "strict", "--truncation", "fit", "--category_average", "questions",
+                           "--num_shots", "2", "--output_dir", str(out)]) == 0
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert {k: settings[k] for k in ("mmlu_scorer", "truncation", "category_average", "num_shots", "max_length",
+                                     "batch_size", "dtype", "device", "share_prefix")} == {
+        "mmlu_scorer": "strict", "truncation": "fit", "category_average": "questions", "num_shots": 2,
+        "max_length": 1024, "batch_size": "auto", "dtype": "float32", "device": "cpu", "share_prefix": True}
+    assert eval_mmlu.main(["--model_name_or_path", str(tiny_model_dir), "--data_dir", str(data), "--limit", "1",
+                           "--output_dir", str(out)]) == 0  # the defaults: the reference's forms
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert (settings["mmlu_scorer"], settings["truncation"], settings["category_average"], settings["max_length"]) == (
+        "reference", "reference", "subjects", 2048)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from mtlora.evaluation.bbh import _task_prompts, build_bbh_prompt, load_bbh_task, resolve_tasks
+from mtlora.evaluation.bbh import build_bbh_prompt, load_bbh, load_bbh_task, resolve_tasks, task_prompts
 from mtlora.evaluation.heldout import limit_per_task
-from mtlora.evaluation.mmlu import (build_mmlu_prompt, fit_prompt, format_header, letter_token_ids, load_mmlu_csv,
-                                    resolve_subjects)
+from mtlora.evaluation.mmlu import (build_mmlu_prompt, fit_prompt, format_header, letter_token_ids, load_mmlu,
+                                    load_mmlu_csv, resolve_subjects, subject_prompts)
 from mtlora.prompts import build_training_prompt, encode_prompt
 from mtlora.training_data import DataFormatError, read_instruction_records, tokenize_record
 from tests.helpers import write_bbh_folder, write_mmlu_folder
@@ -22,6 +22,8 @@ class CharTokenizer:
     eos_token_id = 2
 
     def __call__(self, text, add_special_tokens=True):
+        if not isinstance(text, str):  # a batch
+            return type("Encoding", (), {"input_ids": [self(t, add_special_tokens).input_ids for t in text]})()
         ids = [ord(c) for c in text]
         return type("Encoding", (), {"input_ids": [self.bos_token_id] + ids if add_special_tokens else ids})()
 
@@ -47,16 +49,23 @@ def test_bbh_prompt_matches_hand_written():
 
 def test_bbh_exemplars_are_never_scored_and_limit_counts_scored_items():
     items = EXEMPLARS + [{"input": f"q{i}", "target": "t"} for i in range(5)]
-    scored, prompts, truncated = _task_prompts(CharTokenizer(), items, limit=2, max_prompt_length=10_000)
+    scored, prompts, truncated = task_prompts(CharTokenizer(), items, limit=2, truncation="reference", max_length=10_000)
     assert [it["input"] for it in scored] == ["q0", "q1"]
     assert decode(prompts[0]) == build_bbh_prompt(EXEMPLARS, "q0") and truncated == 0
 
 
-def test_bbh_overlong_prompt_is_cut_from_the_left_keeping_bos_and_counted():
+def test_bbh_overlong_prompt_fit_is_cut_from_the_left_keeping_bos_and_counted():
     items = EXEMPLARS + [{"input": "last question", "target": "t"}]
-    _, prompts, truncated = _task_prompts(CharTokenizer(), items, limit=None, max_prompt_length=20)
+    _, prompts, truncated = task_prompts(CharTokenizer(), items, limit=None, truncation="fit", max_length=20)
     assert truncated == 1 and len(prompts[0]) == 20 and prompts[0][0] == 1
     assert decode(prompts[0]).endswith("Q: last question\nA:")
+
+
+def test_bbh_overlong_prompt_reference_keeps_the_first_tokens():
+    items = EXEMPLARS + [{"input": "last question", "target": "t"}]
+    _, prompts, truncated = task_prompts(CharTokenizer(), items, limit=None, truncation="reference", max_length=20)
+    assert truncated == 1 and len(prompts[0]) == 20 and prompts[0][0] == 1
+    assert decode(prompts[0]) == build_bbh_prompt(EXEMPLARS, "last question")[:19]
 
 
 def test_bbh_loads_both_file_formats_and_rejects_others(tmp_path):
@@ -66,6 +75,9 @@ def test_bbh_loads_both_file_formats_and_rejects_others(tmp_path):
     (folder / "bad.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="bad.json"):
         load_bbh_task(folder / "bad.json")
+    (folder / "broken.json").write_text('[\n{"input": "a", "target": "b"},\n{oops}\n]')
+    with pytest.raises(ValueError, match=r"broken.json:3: invalid JSON"):
+        load_bbh_task(folder / "broken.json")
 
 
 def test_bbh_unknown_task_lists_valid_ones(tmp_path):
@@ -101,12 +113,30 @@ def test_mmlu_fit_drops_whole_exemplars_first_then_cuts_left():
     tokenizer = CharTokenizer()
     full = len(tokenizer(build_mmlu_prompt(MMLU_DEV, MMLU_TEST)).input_ids)
     ids, shots, cut = fit_prompt(tokenizer, MMLU_DEV, MMLU_TEST, "", full)
-    assert (shots, cut, len(ids)) == (2, False, full)
+    assert (shots, cut, len(ids)) == (2, "", full)
     ids, shots, cut = fit_prompt(tokenizer, MMLU_DEV, MMLU_TEST, "", full - 1)
-    assert (shots, cut) == (1, False) and decode(ids) == build_mmlu_prompt(MMLU_DEV[:1], MMLU_TEST)
+    assert (shots, cut) == (1, "") and decode(ids) == build_mmlu_prompt(MMLU_DEV[:1], MMLU_TEST)
     ids, shots, cut = fit_prompt(tokenizer, MMLU_DEV, MMLU_TEST, "", 30)
-    assert (shots, cut, len(ids), ids[0]) == (0, True, 30, 1)
+    assert (shots, cut, len(ids), ids[0]) == (0, "left", 30, 1)
     assert decode(ids).endswith("D. Earth\nAnswer:")
+
+
+def test_mmlu_truncation_reference_cuts_right_fit_keeps_the_question(smollm2_tokenizer):
+    """A prompt over 2,048 tokens: the reference form keeps its first 2,048 (so "Answer:" is lost); fit keeps
+    the question whole (prompt + the answer token within the limit)."""
+    long_dev = [{"question": "Read this: " + " ".join(f"word{i}" for i in range(500)), "choices": list("abcd"),
+                 "answer": "A"}] * 5
+    text = build_mmlu_prompt(long_dev, MMLU_TEST)
+    full = smollm2_tokenizer(text).input_ids
+    assert len(full) > 2048
+    [(ids, shots, cut)] = subject_prompts(smollm2_tokenizer, long_dev, [MMLU_TEST], "", "reference", 2048)
+    assert (len(ids), shots, cut) == (2048, 5, "right") and ids == full[:2048]
+    assert not smollm2_tokenizer.decode(ids).endswith("Answer:")
+    [(ids, shots, cut)] = subject_prompts(smollm2_tokenizer, long_dev, [MMLU_TEST], "", "fit", 2048)
+    assert len(ids) <= 2047 and shots < 5 and cut == ""
+    assert smollm2_tokenizer.decode(ids).endswith("C. Jupiter\nD. Earth\nAnswer:")
+    short = subject_prompts(smollm2_tokenizer, MMLU_DEV, [MMLU_TEST] * 2, "", "reference", 2048)
+    assert short == [(smollm2_tokenizer(build_mmlu_prompt(MMLU_DEV, MMLU_TEST)).input_ids, 2, "")] * 2
 
 
 def test_mmlu_csv_formats(tmp_path):
@@ -118,8 +148,8 @@ def test_mmlu_csv_formats(tmp_path):
                                           {"question": "Q2", "choices": ["a", "b", "c", "d"], "answer": "D"}]
     assert load_mmlu_csv(headerless)[0]["answer"] == "A"
     bad = tmp_path / "c_test.csv"
-    bad.write_text("Q,a,b,c,d,7\n")
-    with pytest.raises(ValueError, match=r"c_test.csv, row 1"):
+    bad.write_text('question,choice0,choice1,choice2,choice3,answer\n"two\nlines",a,b,c,d,1\nQ,a,b,c,d,7\n')
+    with pytest.raises(ValueError, match=r"c_test.csv:4: answer '7' is neither"):
         load_mmlu_csv(bad)
 
 

@@ -18,7 +18,7 @@ from mtlora.config import AdapterConfig
 from mtlora.evaluation.answers import argmax_letter
 from mtlora.evaluation.batching import next_token_scores
 from mtlora.evaluation.harness import resolve_benchmarks, run_harness
-from mtlora.evaluation.harness_tasks import BENCHMARKS, leaf_tasks
+from mtlora.evaluation.harness_tasks import BBH_FILTERS, BENCHMARKS, leaf_tasks
 from mtlora.evaluation.mmlu import HENDRYCKS_HEADER, LETTERS, SUBJECT_CATEGORY, letter_token_ids, load_subject
 from mtlora.injection import attach_adapters
 from tests.helpers import (SHARED_DATA, randomize_adapters, skip_without_shared_data, tiny_llama, write_bbh_folder,
@@ -113,14 +113,15 @@ def test_harness_runs_lm_eval_tasks_on_local_data(stops_at_once, local_data, tmp
     expected = {"mmlu_anatomy": {"acc,none"}, "mmlu_philosophy": {"acc,none"},
                 "mmlu_anatomy_continuation": {"acc,none", "acc_norm,none"},
                 "mmlu_philosophy_continuation": {"acc,none", "acc_norm,none"},
-                "bbh_fewshot_boolean_expressions": {"exact_match,none"}}
+                "bbh_fewshot_boolean_expressions": {"exact_match,none", "exact_match,remove_whitespace"}}
     assert set(summary["results"]) == set(expected) and summary["groups"] == {}  # a subset: no group averages
     for task, metrics in expected.items():
         values = summary["results"][task]
         assert metrics <= set(values) and summary["n-samples"][task]["effective"] == 2
         for key in metrics:
-            metric = key.split(",")[0]
-            assert values[key] == pytest.approx(sum(s[metric] for s in summary["samples"][task]) / 2)
+            metric, filter_name = key.split(",")
+            per_item = [s[metric] for s in summary["samples"][task] if s["filter"] == filter_name]
+            assert len(per_item) == 2 and values[key] == pytest.approx(sum(per_item) / 2)
     bbh_prompt = summary["samples"]["bbh_fewshot_boolean_expressions"][0]["arguments"][0][0]
     assert bbh_prompt.startswith("Evaluate the result of a random Boolean expression.\n\nQ: not ( ( not not True ) ) is")
     assert bbh_prompt.endswith("Q: not True is\nA:")  # lm-eval's fixed exemplars, then our first item
@@ -130,18 +131,54 @@ def test_harness_runs_lm_eval_tasks_on_local_data(stops_at_once, local_data, tmp
     assert "exact_match,none" in (out / "summary.md").read_text()
     assert json.loads((out / "lm_eval_results.json").read_text())["n-samples"] == summary["n-samples"]
     assert len(json.loads((out / "samples" / "mmlu_anatomy.json").read_text())["samples"]) == 2
-    for task in expected:  # each config is lm-eval's yaml with only the data location replaced
+    for task in expected:  # each config is lm-eval's yaml with the data location replaced (+ BBH's filters)
         config = yaml.safe_load((out / "lm_eval_tasks" / "configs" / f"{task}.yaml").read_text())
-        assert set(config) == OVERRIDDEN_KEYS and config["dataset_path"] == "json"
-        assert "/lm_eval/tasks/" in config["include"]
+        bbh = task.startswith("bbh")
+        assert set(config) == OVERRIDDEN_KEYS | ({"filter_list"} if bbh else set()) and config["dataset_path"] == "json"
+        assert "/lm_eval/tasks/" in config["include"] and config.get("filter_list", BBH_FILTERS) == BBH_FILTERS
     assert not (out / "lm_eval_tasks" / "hf_cache").exists()
+
+
+@pytest.fixture
+def answers_with_a_space(adapted_tiny):
+    """``adapted_tiny`` made to answer " False" and stop: lm-eval's literal exact_match is 0, stripped it is not."""
+    model, tokenizer = adapted_tiny
+    answer = tokenizer(" False", add_special_tokens=False).input_ids
+    assert len(answer) == 1
+    last_token = {}
+
+    def remember_input(module, args, kwargs):
+        last_token["id"] = int(kwargs["input_ids"][0, -1])
+
+    def force(module, args, logits):
+        logits[..., :] = -1e4
+        logits[..., model.generation_config.eos_token_id if last_token["id"] == answer[0] else answer[0]] = 1e4
+
+    handles = [model.register_forward_pre_hook(remember_input, with_kwargs=True),
+               model.lm_head.register_forward_hook(force)]
+    yield model, tokenizer
+    for handle in handles:
+        handle.remove()
+
+
+def test_bbh_fewshot_reports_the_literal_and_the_whitespace_filtered_match(answers_with_a_space, local_data):
+    model, tokenizer = answers_with_a_space
+    summary = run_harness(model, tokenizer, ["bbh_fewshot"], bbh_dir=local_data[1], limit=2, batch_size=1)
+    samples = summary["samples"]["bbh_fewshot_boolean_expressions"]
+    by_filter = {s["filter"]: s for s in samples if s["doc_id"] == 0}
+    assert by_filter["none"]["filtered_resps"] == [" False"] and by_filter["remove_whitespace"]["filtered_resps"] == ["False"]
+    values = summary["results"]["bbh_fewshot_boolean_expressions"]
+    assert values["exact_match,none"] == 0.0  # targets "False", "True": the leading space fails lm-eval's literal match
+    assert values["exact_match,remove_whitespace"] == 0.5
 
 
 def test_bbh_fewshot_scores_every_item(stops_at_once, local_data):
     model, tokenizer = stops_at_once
     summary = run_harness(model, tokenizer, ["bbh_fewshot"], bbh_dir=local_data[1], batch_size=6)
     assert summary["n-samples"]["bbh_fewshot_boolean_expressions"] == {"original": 6, "effective": 6}
-    assert sorted(s["doc_id"] for s in summary["samples"]["bbh_fewshot_boolean_expressions"]) == list(range(6))
+    samples = summary["samples"]["bbh_fewshot_boolean_expressions"]
+    for filter_name in ("none", "remove_whitespace"):
+        assert sorted(s["doc_id"] for s in samples if s["filter"] == filter_name) == list(range(6))
 
 
 def test_full_mmlu_gets_lm_eval_group_averages(adapted_tiny, tmp_path):

@@ -3,14 +3,23 @@
 Two BBH scorers are kept side by side:
 - ``lenient``: the reference/paper scorer, a hit when the gold answer occurs anywhere in the
   generation (case-insensitive);
-- ``exact``: the ecosystem's convention, the answer is extracted from the generation (first
-  answer line, shaped by the task's answer kind) and compared after normalisation.
+- ``extracted_match``: this package's own stricter scorer, the answer is extracted from the
+  generation (first answer line, shaped by the task's answer kind) and compared after normalisation.
+  It is not lm-eval's ``bbh_fewshot`` metric (that one compares the raw generation, cut at "Q" or a
+  blank line, without extraction or stripping: ``eval_harness.py`` runs it).
+
+Two forms of the MMLU one-token scorer (``MMLU_SCORERS``):
+- ``reference``: the reference scripts' rule, the first character of the stripped decoded token
+  ("X" when empty) equals the gold letter, so " An", " All" or "Answer" count as "A";
+- ``strict``: the whole stripped token equals the gold letter.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+
+from mtlora.errors import InvalidInput
 
 CHOICE = "choice"  # "(A)" .. "(R)" options
 LABEL = "label"  # a small closed vocabulary: yes/no, True/False, valid/invalid
@@ -106,9 +115,24 @@ def lenient_match(generation: str, target: str) -> bool:
     return target.strip().lower() in generation.lower()
 
 
-def score_generated_letter(token_text: str, letter: str) -> bool:
-    """The reference MMLU scorer: the one greedy token, stripped, equals the gold letter."""
-    return token_text.strip() == letter
+MMLU_SCORERS = ("reference", "strict")
+NO_LETTER = "X"  # the reference's prediction for an empty (or whitespace-only) token
+
+
+def reference_letter(token_text: str) -> str:
+    """The reference scripts' prediction: first character of the stripped token text, "X" when empty."""
+    stripped = token_text.strip()
+    return stripped[0] if stripped else NO_LETTER
+
+
+def score_generated_letter(token_text: str, letter: str, scorer: str = "reference") -> bool:
+    """The one greedy token against the gold letter: ``reference`` (first character of the stripped
+    token) or ``strict`` (the whole stripped token)."""
+    if scorer == "reference":
+        return reference_letter(token_text) == letter
+    if scorer == "strict":
+        return token_text.strip() == letter
+    raise InvalidInput(f"--mmlu_scorer: unknown {scorer!r}; choose from {', '.join(MMLU_SCORERS)}")
 
 
 def argmax_letter(logprobs: Sequence[float], letters: Sequence[str] = "ABCD") -> str:

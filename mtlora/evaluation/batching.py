@@ -1,24 +1,41 @@
-"""Length-sorted, left-padded batched generation and next-token scoring for decoder-only models.
+"""Batched greedy generation and next-token scoring for decoder-only models.
 
-Both evaluators tokenise their prompts once and hand token-id lists here. Prompts are sorted by
-length (longest first, so an out-of-memory error shows up on the first batch) and left-padded, so
-every prompt ends at the last position: the next-token logits are then column -1 for every row,
-and generation appends after the real tokens. Results come back in the caller's order.
+Both evaluators tokenise their prompts (:func:`encode_batch`) and hand token-id lists here, with a
+group per prompt (its BBH task or MMLU subject). Within a group the prompts share their few-shot
+exemplars: the longest common prefix of their token ids is run once and its keys and values are
+reused for every row (:mod:`mtlora.evaluation.prefix`), so each row only runs its own suffix.
+Suffixes are sorted by length (longest first, so an out-of-memory error shows up on the first
+batch) and left-padded, so every row ends at the last position: the next-token logits are column
+-1 for every row, and generation appends after the real tokens. Results come back in the caller's
+order.
 
 Left padding shifts positions, so position ids are computed from the attention mask (first real
-token at position 0), which makes a padded row numerically match the same prompt run alone.
+token at position 0, or the prefix length with a shared prefix), which makes a padded row
+numerically match the same prompt run alone. Generation is a greedy loop that drops a row from the
+batch once it has ended (EOS, or one of ``stop_strings`` when given).
+
+``batch_size=None`` picks it automatically: it starts large on a GPU and halves on out-of-memory.
+Under ``torchrun`` / ``accelerate launch`` the rows are split across processes and the results
+gathered on every process (:mod:`mtlora.evaluation.distributed`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mtlora.errors import InvalidInput
+from mtlora.evaluation import distributed
+from mtlora.evaluation.prefix import PrefixRunner, common_prefix_length, rows_are_independent
+
+TRUNCATIONS = ("reference", "fit")  # over-long prompts: cut on the right at 2,048 / fit the context (see bbh, mmlu)
+REFERENCE_MAX_LENGTH = 2048  # the reference scripts' tokenizer max_length (truncation on the right)
+AUTO_BATCH_START = {"cuda": 1024, "cpu": 8}  # rows per batch that batch_size=None starts from
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forward pass
 
 
 @dataclass
@@ -29,29 +46,24 @@ class NextTokenScores:
     candidate_logprobs: list[list[float]]
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first."""
-    if batch_size < 1:
-        raise InvalidInput(f"--batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+# ------------------------------------------------------------------------------------------- tokens
 
+def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of ``texts`` (special tokens added as ``tokenizer(text)`` adds them), in one call.
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (batch, longest), padded on the left."""
-    width = max(len(seq) for seq in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            input_ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-            attention_mask[row, width - len(seq):] = 1
-    return input_ids, attention_mask
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting from 0 at each row's first real token (padding gets 0)."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    A fast tokenizer's Rust backend encodes the whole list in parallel, without the offsets the Python
+    wrapper asks for; its ids are checked against ``tokenizer(text)`` on the first text and the wrapper
+    is used instead if they differ.
+    """
+    texts = list(texts)
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        ids = [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=True)]
+        if ids[0] == list(tokenizer(texts[0]).input_ids):
+            return ids
+    return [list(ids) for ids in tokenizer(texts).input_ids]
 
 
 def truncate_left(ids: Sequence[int], max_length: int, keep_first: int | None = None) -> list[int]:
@@ -62,6 +74,12 @@ def truncate_left(ids: Sequence[int], max_length: int, keep_first: int | None = 
     if keep_first is not None and ids and ids[0] == keep_first:
         return [keep_first] + ids[len(ids) - max_length + 1:]
     return ids[len(ids) - max_length:]
+
+
+def truncate_right(ids: Sequence[int], max_length: int) -> list[int]:
+    """Keep the first ``max_length`` tokens: the tokenizer's ``truncation=True, max_length=...`` (its
+    default side), which keeps the BOS and may cut the end of the prompt."""
+    return list(ids)[:max_length]
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -80,60 +98,122 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     return sorted({int(i) for i in ids if i is not None})
 
 
-@torch.inference_mode()
-def generate_batched(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                     prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, batch_size: int = 8,
-                     desc: str = "generate") -> list[str]:
-    """Greedy continuations of token-id prompts, decoded up to (excluding) the first EOS."""
-    eos_ids = eos_token_ids(model, tokenizer)
-    pad_id = pad_token_id(tokenizer)
-    # A fresh config so sampling defaults shipped with a model cannot leak into greedy decoding.
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=pad_id, eos_token_id=eos_ids)
-    outputs: list[str] = [""] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, unit="ex") as progress:
-        for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
-            input_ids, attention_mask = left_pad([prompts[i] for i in batch], pad_id)
-            generated = model.generate(input_ids=input_ids.to(model.device),
-                                       attention_mask=attention_mask.to(model.device),
-                                       generation_config=config)
-            for row, index in enumerate(batch):
-                new_tokens = _until_eos(generated[row, input_ids.shape[1]:].tolist(), eos_ids)
-                outputs[index] = tokenizer.decode(new_tokens, skip_special_tokens=True)
-            progress.update(len(batch))
-    return outputs
+# ----------------------------------------------------------------------------------------- batches
+
+@dataclass
+class PromptGroup:
+    """Rows that share ``prefix`` (token ids, possibly empty), longest remaining suffix first."""
+
+    prefix: list[int]
+    rows: list[int]
 
 
-def _until_eos(tokens: list[int], eos_ids: Sequence[int]) -> list[int]:
-    for position, token in enumerate(tokens):
-        if token in eos_ids:
-            return tokens[:position]
-    return tokens
+def group_prompts(prompts: Sequence[Sequence[int]], groups: Sequence[Hashable] | None, rows: Sequence[int],
+                  share_prefix: bool) -> list[PromptGroup]:
+    """``rows`` of ``prompts`` by group (in order of first appearance), each with its shared prefix.
 
+    The prefix is the longest common prefix of the group's token ids, leaving at least one token per
+    row; it is used only when ``share_prefix`` and at least ``MIN_SHARED_PREFIX`` tokens long.
+    """
+    members: dict[Hashable, list[int]] = {}
+    for row in rows:
+        members.setdefault(0 if groups is None else groups[row], []).append(row)
+    planned = []
+    for group_rows in members.values():
+        length = common_prefix_length([prompts[r] for r in group_rows]) if share_prefix else 0
+        prefix = list(prompts[group_rows[0]][:length]) if length >= MIN_SHARED_PREFIX else []
+        group_rows.sort(key=lambda r: (-len(prompts[r]), r))
+        planned.append(PromptGroup(prefix, group_rows))
+    return planned
+
+
+def _run_batched(model: PreTrainedModel, prompts: Sequence[Sequence[int]], groups: Sequence[Hashable] | None,
+                 batch_size: int | None, share_prefix: bool, desc: str,
+                 run: Callable[[PrefixRunner, list[list[int]]], list]) -> list:
+    """``run(runner, suffixes)`` over batches of this process's rows; every process gets all results in order.
+
+    ``batch_size=None``: start at ``AUTO_BATCH_START`` rows and halve on out-of-memory (kept for later batches).
+    """
+    if batch_size is not None and batch_size < 1:
+        raise InvalidInput(f"--batch_size must be >= 1 or auto, got {batch_size}")
+    size = batch_size or AUTO_BATCH_START["cuda" if model.device.type == "cuda" else "cpu"]
+    independent = rows_are_independent(model)
+    mine = distributed.shard(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
+    sliding = getattr(model.config, "sliding_window", None)  # a window would need the prefix cache to slide too
+    plan = group_prompts(prompts, groups, mine, share_prefix and independent and not sliding)
+    results: dict[int, object] = {}
+    with tqdm(total=len(prompts), desc=desc, unit="ex", disable=not distributed.is_main()) as progress:
+        for group in plan:
+            runner = PrefixRunner(model, group.prefix, drop_finished=independent)
+            start = 0
+            while start < len(group.rows):
+                rows = group.rows[start:start + size]
+                try:
+                    outputs = run(runner, [prompts[r][len(group.prefix):] for r in rows])
+                except torch.OutOfMemoryError:
+                    if batch_size is not None or size == 1:
+                        raise
+                    outputs = None  # leave the except block first, so the failed batch's tensors can be freed
+                if outputs is None:
+                    size //= 2
+                    runner.release_memory()
+                    continue
+                results.update(zip(rows, outputs, strict=True))
+                start += len(rows)
+                progress.update(len(rows) * distributed.world_size())
+    return distributed.gather(results, len(prompts))
+
+
+# ---------------------------------------------------------------------------------------- scoring
 
 @torch.inference_mode()
 def next_token_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       prompts: Sequence[Sequence[int]], candidate_ids: Sequence[int],
-                      batch_size: int = 8, desc: str = "score") -> NextTokenScores:
+                      batch_size: int | None = 8, desc: str = "score", groups: Sequence[Hashable] | None = None,
+                      share_prefix: bool = True) -> NextTokenScores:
     """One forward pass per batch: greedy next token and log-probs of ``candidate_ids``.
 
     The greedy id is the argmax of the full-vocabulary next-token logits, i.e. exactly what greedy
     generation of one token would produce; the log-probs are normalised over the full vocabulary.
+    ``groups`` (one key per prompt) says which prompts may share a prefix.
     """
     pad_id = pad_token_id(tokenizer)
     candidates = torch.tensor(list(candidate_ids), dtype=torch.long)
-    greedy: list[int] = [0] * len(prompts)
-    logprobs: list[list[float]] = [[] for _ in prompts]
-    with tqdm(total=len(prompts), desc=desc, unit="ex") as progress:
-        for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
-            input_ids, attention_mask = left_pad([prompts[i] for i in batch], pad_id)
-            logits = model(input_ids=input_ids.to(model.device),
-                           attention_mask=attention_mask.to(model.device),
-                           position_ids=position_ids_from_mask(attention_mask).to(model.device),
-                           use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
-            batch_logprobs = torch.log_softmax(logits, dim=-1).cpu()
-            for row, index in enumerate(batch):
-                greedy[index] = int(logits[row].argmax())
-                logprobs[index] = batch_logprobs[row, candidates].tolist()
-            progress.update(len(batch))
-    return NextTokenScores(greedy_ids=greedy, candidate_logprobs=logprobs)
+
+    def score(runner: PrefixRunner, suffixes: list[list[int]]) -> list[tuple[int, list[float]]]:
+        logits = runner.last_logits(suffixes, pad_id)  # (batch, vocab), float32
+        logprobs = torch.log_softmax(logits, dim=-1)[:, candidates.to(logits.device)].cpu()
+        return list(zip(logits.argmax(-1).tolist(), logprobs.tolist()))
+
+    scored = _run_batched(model, prompts, groups, batch_size, share_prefix, desc, score)
+    return NextTokenScores(greedy_ids=[g for g, _ in scored], candidate_logprobs=[lp for _, lp in scored])
+
+
+# -------------------------------------------------------------------------------------- generation
+
+@torch.inference_mode()
+def generate_batched(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                     prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, batch_size: int | None = 8,
+                     desc: str = "generate", groups: Sequence[Hashable] | None = None, share_prefix: bool = True,
+                     stop_strings: Sequence[str] = ()) -> list[str]:
+    """Greedy continuations of token-id prompts, decoded up to (excluding) the first EOS.
+
+    With ``stop_strings`` a row also ends at the first of them, and its text is cut before it.
+    """
+    eos_ids = set(eos_token_ids(model, tokenizer))
+    pad_id = pad_token_id(tokenizer)
+
+    def ended(tokens: list[int]) -> bool:
+        return bool(stop_strings) and any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stop_strings)
+
+    def generate(runner: PrefixRunner, suffixes: list[list[int]]) -> list[str]:
+        new_tokens = runner.greedy(suffixes, pad_id, max_new_tokens, eos_ids, ended)
+        return [cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop_strings) for tokens in new_tokens]
+
+    return _run_batched(model, prompts, groups, batch_size, share_prefix, desc, generate)
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to (excluding) the earliest of ``stop_strings``."""
+    cuts = [text.find(s) for s in stop_strings if s in text]
+    return text[:min(cuts)] if cuts else text

@@ -10,7 +10,9 @@ lm-eval's metrics come back under lm-eval's names, ``<metric>,<filter>``:
 - ``mmlu_continuation``: the four answer texts scored as continuations of "Question: ...\\nAnswer:";
   ``acc,none`` and ``acc_norm,none`` (log-likelihood divided by the answer's length in bytes).
 - ``bbh_fewshot``: 3 fixed exemplars from lm-eval's yaml (every test item is scored), greedy generation
-  until "Q", a blank line or EOS; ``exact_match,none``.
+  until "Q", a blank line or EOS; ``exact_match,none`` (lm-eval's literal match) and
+  ``exact_match,remove_whitespace`` (the same after lm-eval's remove_whitespace filter, the one addition
+  to lm-eval's config, see harness_tasks.py).
 Groups (``mmlu`` and its four categories, ``bbh_fewshot``) are aggregated by lm-eval (mean weighted by
 size) when every leaf task of the group runs; a subset runs as separate leaf tasks.
 """

@@ -6,8 +6,13 @@ its tasks with no network, every leaf task we run gets, under one folder (``task
   (MMLU: question, subject, choices [4 strings], answer 0-3, as cais/mmlu; BBH: input, target);
 - ``configs/<task>.yaml``: ``include:`` lm-eval's own yaml of that task, then only ``dataset_path: json``,
   ``dataset_name: null`` and ``dataset_kwargs`` (``data_files`` and the Arrow ``cache_dir``). Prompts,
-  few-shot exemplars, metrics and filters all come from lm-eval's file, and the task keeps lm-eval's name,
-  so lm-eval's own groups (``mmlu``, ``mmlu_stem``, ``bbh_fewshot``, ...) pick it up.
+  few-shot exemplars and metrics come from lm-eval's file, and the task keeps lm-eval's name, so lm-eval's
+  own groups (``mmlu``, ``mmlu_stem``, ``bbh_fewshot``, ...) pick it up.
+- One addition, to ``bbh_fewshot`` only (``BBH_FILTERS``): lm-eval 0.4.13's bbh_fewshot has no filter, so a
+  model whose answers start with a space (SmolLM2: every one) scores 0 on its literal ``exact_match,none``.
+  The configs keep lm-eval's own pipeline under its name ``none`` and add lm-eval's ``remove_whitespace``
+  filter as a second pipeline, so results carry both ``exact_match,none`` and
+  ``exact_match,remove_whitespace`` (lm-eval aggregates both over the group).
 The configs are written per run, not shipped: both paths they name (lm-eval's installed task folder and
 the data folder chosen by --mmlu_dir / --bbh_dir) are machine-specific, and lm-eval's yaml has no variables.
 """
@@ -18,7 +23,7 @@ import importlib.util
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -55,17 +60,24 @@ BBH_DATA = LocalData("bbh", "--bbh_dir", "--bbh_tasks", "<task>.json files (list
 
 @dataclass(frozen=True)
 class Benchmark:
-    """An lm-eval group we run: its task folder inside ``lm_eval/tasks`` and the local data it reads."""
+    """An lm-eval group we run: its task folder inside ``lm_eval/tasks``, the local data it reads, and what the
+    generated configs add to lm-eval's yaml besides the data location (``additions``)."""
 
     group: str
     folder: str
     data: LocalData
+    additions: dict = field(default_factory=dict)
 
+
+# lm-eval's default pipeline for generation tasks (named "none", as lm-eval names it when a yaml sets no filter),
+# then lm-eval's own remove_whitespace filter (strip) as a second pipeline.
+BBH_FILTERS = [{"name": "none", "filter": [{"function": "take_first"}]},
+               {"name": "remove_whitespace", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}]
 
 BENCHMARKS = {b.group: b for b in (
     Benchmark("mmlu", "mmlu/default", MMLU_DATA),                       # letters A-D, log-likelihood
     Benchmark("mmlu_continuation", "mmlu/continuation", MMLU_DATA),     # cloze: the answer text
-    Benchmark("bbh_fewshot", "bbh/fewshot", BBH_DATA),                  # 3 fixed exemplars, generation
+    Benchmark("bbh_fewshot", "bbh/fewshot", BBH_DATA, {"filter_list": BBH_FILTERS}),  # 3 fixed exemplars, generation
 )}
 
 
@@ -141,7 +153,8 @@ def write_local_tasks(selections: Sequence[Selection], data_dirs: dict[str, str 
                 _write_split_files(data, Path(data_dirs[data.name]), name, data_root / name)
                 written.add((data.name, name))
             _write_config(configs / f"{task}.yaml", lm_eval_yaml, {
-                split: str(data_root / name / f"{split}.jsonl") for split in data.splits}, tasks_dir / HF_CACHE)
+                split: str(data_root / name / f"{split}.jsonl") for split in data.splits}, tasks_dir / HF_CACHE,
+                selection.benchmark.additions)
     return configs
 
 
@@ -159,9 +172,10 @@ def _write_split_files(data: LocalData, data_dir: Path, name: str, out: Path) ->
                                             encoding="utf-8")
 
 
-def _write_config(path: Path, lm_eval_yaml: Path, data_files: dict[str, str], cache_dir: Path) -> None:
-    """lm-eval's task yaml with only the dataset location replaced."""
+def _write_config(path: Path, lm_eval_yaml: Path, data_files: dict[str, str], cache_dir: Path,
+                  additions: dict) -> None:
+    """lm-eval's task yaml with the dataset location replaced and ``additions`` (the benchmark's) added."""
     config = {"include": str(lm_eval_yaml), "dataset_path": "json", "dataset_name": None,
-              "dataset_kwargs": {"data_files": data_files, "cache_dir": str(cache_dir)}}
+              "dataset_kwargs": {"data_files": data_files, "cache_dir": str(cache_dir)}, **additions}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mtlora.evaluation import distributed
 from mtlora.evaluation.answers import exact_match, normalize
 from mtlora.evaluation.batching import generate_batched, truncate_left
 from mtlora.evaluation.reporting import markdown_table, mean, write_json
 from mtlora.prompts import encode_prompt
 
 def generate_for_records(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[dict],
-                         max_new_tokens: int = 64, batch_size: int = 8, max_length: int | None = None,
+                         max_new_tokens: int = 64, batch_size: int | None = 8, max_length: int | None = None,
                          desc: str = "generate") -> list[str]:
     """Greedy answers to records with ``instruction`` and ``input``, fed in the training format; prompts longer
     than ``max_length`` (default: the model's context) minus ``max_new_tokens`` lose their start (BOS kept)."""
@@ -50,7 +51,7 @@ def limit_per_task(records: Sequence[dict], limit: int | None) -> list[dict]:
 
 
 def evaluate_heldout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[dict],
-                     batch_size: int = 8, max_new_tokens: int = 64, limit: int | None = None,
+                     batch_size: int | None = 8, max_new_tokens: int = 64, limit: int | None = None,
                      max_length: int | None = None, output_dir: str | Path | None = None,
                      metadata: dict | None = None) -> dict:
     """Score held-out records; returns per-task and average (over tasks) exact/lenient accuracy.
@@ -65,10 +66,10 @@ def evaluate_heldout(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                     "lenient": any(normalize(ref) in normalize(g) for ref in references(r))}
                    for r, g in zip(records, generations, strict=True)]
     summary = summarize_heldout(predictions)
-    summary["settings"] = {**(metadata or {}), "limit": limit, "batch_size": batch_size,
+    summary["settings"] = {**(metadata or {}), "limit": limit, "batch_size": batch_size or "auto",
                            "max_new_tokens": max_new_tokens,
                            "max_length": max_length or model.config.max_position_embeddings}
-    if output_dir is not None:
+    if output_dir is not None and distributed.is_main():
         write_json(Path(output_dir) / "predictions.json", {"predictions": predictions})
         write_json(Path(output_dir) / "summary.json", summary)
         (Path(output_dir) / "summary.md").write_text(heldout_markdown(summary) + "\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Which BBH tasks or MMLU subjects to evaluate: the requested ones, checked against the data folder."""
+"""Which BBH tasks or MMLU subjects to evaluate (checked against the data folder), and checked option values."""
 
 from __future__ import annotations
 
@@ -18,3 +18,9 @@ def select_requested(requested: Sequence[str] | None, present: list[str], flag: 
         raise InvalidInput(f"{flag}: unknown {unknown}; available in {data_dir}: {', '.join(present)}")
     return list(dict.fromkeys(requested))
 
+
+
+def check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
+    """Raise naming ``flag`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise InvalidInput(f"{flag}: unknown {value!r}; choose from {', '.join(choices)}")
