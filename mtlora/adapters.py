@@ -2,8 +2,8 @@
 
 ``RoutedLowRankAdapter`` covers LoRA (one expert, no router), HydraLoRA (shared A, E experts B_i,
 per-token softmax router), mtLoRA's block-level adapter and fine-grained routing (a weight per expert
-per group of output dimensions). ``TaskGatedLoRA`` is MMoELoRA: E full LoRA experts mixed by a gate
-that depends on the task label, not on the token.
+per group of output dimensions). ``TaskGatedLoRA`` is MMoELoRA: the rank split across E LoRA experts
+mixed by a gate that depends on the task label, not on the token.
 
 Parameters are kept in float32 (master weights); the forward pass casts them to the input's dtype,
 so a bf16 base model runs its adapters in bf16 too.
@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlora.experts import gated_lora_mix, routed_expert_mix
+
+TASK_EMBEDDING_DIM = 64  # MMoELoRA's task embedding width (the reference's default)
 
 
 class RoutedLowRankAdapter(nn.Module):
@@ -39,6 +41,7 @@ class RoutedLowRankAdapter(nn.Module):
         dropout: float = 0.0,
         num_groups: int = 1,
         style: str = "lowrank",
+        dropout_per_expert: bool = False,
     ):
         super().__init__()
         if out_features % num_groups != 0:
@@ -51,12 +54,17 @@ class RoutedLowRankAdapter(nn.Module):
         self.router = nn.Linear(in_features, num_groups * num_experts, bias=False) if num_experts > 1 else None
         self.expert_scale = nn.Parameter(torch.zeros(num_experts)) if style == "adaptformer" else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # One dropout mask per expert (the reference's expert loop at the component level); scalar routing only.
+        self.dropout_per_expert = dropout_per_expert and dropout > 0 and num_experts > 1 and num_groups == 1
         self.routing_mean: torch.Tensor | None = None  # (E,) mean routing weight, see forward()
         self.expert_mix = routed_expert_mix  # or experts.routed_expert_mix_loop (injection.set_expert_mix)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if self.style == "lowrank":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default, as LoRA / HydraLoRA
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, nonlinearity="relu")  # the reference's ReLU styles
         if self.style == "bottleneck":
             nn.init.normal_(self.lora_B, std=0.02)
         else:
@@ -80,7 +88,11 @@ class RoutedLowRankAdapter(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         tokens = u.reshape(-1, self.in_features)  # (N, d_in)
-        code = self.dropout(tokens) @ self.lora_A.to(u.dtype).t()  # (N, r)
+        if self.dropout_per_expert and self.training:  # E masks: (E, N, d_in) -> (N, E, r)
+            masked = self.dropout(tokens.expand(self.num_experts, *tokens.shape))
+            code = (masked @ self.lora_A.to(u.dtype).t()).transpose(0, 1)
+        else:
+            code = self.dropout(tokens) @ self.lora_A.to(u.dtype).t()  # (N, r)
         if self.style != "lowrank":
             code = torch.relu(code)
         probabilities = self._routing_probabilities(tokens)  # (N, G, E), float32
@@ -95,37 +107,40 @@ class RoutedLowRankAdapter(nn.Module):
 
 
 class TaskGatedLoRA(nn.Module):
-    """MMoELoRA: E LoRA experts (A_i, B_i) mixed by a per-task gate softmax(g[task]).
+    """MMoELoRA as the reference builds it: the rank r split across E experts (A_i, B_i) of rank r / E,
+    mixed per sequence by a gate on the task label, softmax(W_g e[task]).
 
-    Shapes: A (E, r, d_in), B (E, d_out, r), gate logits (num_tasks, E) initialised to 0 (uniform).
-    Task ids come from :func:`mtlora.injection.set_task_ids` before the forward pass; without them
-    (e.g. at generation time, where the reference code drops the task id) the experts are averaged
-    uniformly.
+    Shapes: A (E, r/E, d_in) ~ N(0, 0.01), B (E, d_out, r/E) = 0, task embedding e (num_tasks + 1, 64) and
+    gate W_g (E, 64), both randomly initialised (nn.Embedding / nn.Linear defaults). Task ids come from
+    :func:`mtlora.injection.set_task_ids` before the forward pass; without them (generation, where the
+    reference drops the task id) the last embedding row, index num_tasks ("unknown task"), is used. The
+    scale is alpha / r for the whole rank, as in the reference.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, num_experts: int, num_tasks: int,
                  scaling: float, dropout: float = 0.0):
         super().__init__()
+        if rank % num_experts != 0:
+            raise ValueError(f"rank {rank} is not divisible by {num_experts} experts")
         self.in_features, self.out_features = in_features, out_features
-        self.rank, self.num_experts, self.scaling = rank, num_experts, scaling
-        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank))
-        self.task_gate = nn.Parameter(torch.zeros(num_tasks, num_experts))
+        self.num_experts, self.num_tasks, self.scaling = num_experts, num_tasks, scaling
+        expert_rank = rank // num_experts
+        self.lora_A = nn.Parameter(torch.empty(num_experts, expert_rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, expert_rank))
+        self.task_embedding = nn.Embedding(num_tasks + 1, TASK_EMBEDDING_DIM)
+        self.gate = nn.Linear(TASK_EMBEDDING_DIM, num_experts, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.task_ids: torch.Tensor | None = None
-        for expert_A in self.lora_A:
-            nn.init.kaiming_uniform_(expert_A, a=math.sqrt(5))
+        nn.init.normal_(self.lora_A, std=0.01)
 
     def gate_weights(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """(batch, E) mixing weights, one row per sequence."""
-        if self.task_ids is None:
-            return torch.full((batch_size, self.num_experts), 1.0 / self.num_experts, device=device)
-        return torch.softmax(self.task_gate[self.task_ids.to(device)], dim=-1)
+        task_ids = self.task_ids if self.task_ids is not None else torch.full((batch_size,), self.num_tasks)
+        embedding = self.task_embedding(task_ids.to(device))  # (batch, 64)
+        return torch.softmax(self.gate(embedding), dim=-1)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         batch_size = u.shape[0] if u.dim() == 3 else 1
         tokens = self.dropout(u).reshape(batch_size, -1, self.in_features)  # (batch, L, d_in)
         gate = self.gate_weights(batch_size, u.device).to(u.dtype) * self.scaling  # (batch, E)
         return gated_lora_mix(tokens, self.lora_A, self.lora_B, gate).reshape(*u.shape[:-1], self.out_features)
-
-

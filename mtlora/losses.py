@@ -7,6 +7,8 @@ schedule; the functions below compute them from a model with adapters attached.
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +19,7 @@ from mtlora.config import AdapterConfig, AdapterConfigError
 from mtlora.injection import routed_adapters
 
 
+BLC_MODES = ("reference", "live")
 SPECTRAL_SETTINGS = ("spectral_reg_lambda", "spectral_reg_form", "spectral_reg_frequency", "spectral_reg_steps",
                      "spectral_reg_max_matrices")
 
@@ -27,6 +30,10 @@ class AuxiliaryLosses:
 
     enable_blc: bool = field(default=False, metadata={"help": "Add the routing balance loss."})
     blc_alpha: float = field(default=0.01, metadata={"help": "Weight of the balance loss."})
+    blc_mode: str = field(default="reference", metadata={
+        "help": "reference: the balance loss is added and logged but carries no gradient, as in the reference runs "
+                "(their reentrant gradient checkpointing recorded it under no_grad; results/fidelity/"
+                "reentrant_balance.md) | live: it trains the routers."})
     enable_spectral_reg: bool = field(default=False, metadata={
         "help": "Add the spectral-aware regulariser of the expert up-projections."})
     spectral_reg_lambda: float = field(default=1.0, metadata={"help": "Weight of the spectral regulariser."})
@@ -44,6 +51,8 @@ class AuxiliaryLosses:
 
     def validate(self, adapter_config: AdapterConfig) -> None:
         """Raise :class:`AdapterConfigError` naming the flag; cheap, run before any loading."""
+        if self.blc_mode not in BLC_MODES:
+            raise AdapterConfigError(f"--blc_mode: expected one of {', '.join(BLC_MODES)}, got {self.blc_mode!r}")
         if self.spectral_reg_form not in SPECTRAL_PENALTIES:
             raise AdapterConfigError(f"--spectral_reg_form: expected one of {', '.join(SPECTRAL_PENALTIES)}, "
                                      f"got {self.spectral_reg_form!r}")
@@ -165,24 +174,30 @@ def spectral_penalty_singular_basis(up: torch.Tensor) -> torch.Tensor:
 
 
 def _gram_deviation(up: torch.Tensor) -> torch.Tensor:
-    """D = B^T B - c^2 I with c = ||B||_F / sqrt(r): zero when B's columns are orthogonal with equal norms."""
+    """D = B^T B - c^2 I with c = ||B||_F / sqrt(r) + 1e-8: zero when B's columns are orthogonal with equal norms.
+
+    As in the reference, c is a constant (a Python number from a detached B): only B^T B carries the gradient.
+    """
     up = up.float()
     rank = up.shape[1]
-    c_squared = up.pow(2).sum() / rank
-    return up.t() @ up - c_squared * torch.eye(rank, device=up.device)
+    c = float(up.detach().norm()) / math.sqrt(rank) + 1e-8
+    return up.t() @ up - c * c * torch.eye(rank, device=up.device)
 
 
 SPECTRAL_PENALTIES = {"reference": spectral_penalty_reference, "singular_basis": spectral_penalty_singular_basis}
 
 
-def spectral_loss(model: nn.Module, form: str = "reference", max_matrices: int = 64,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mean penalty over a random sample of at most ``max_matrices`` expert up-projections."""
+def spectral_loss(model: nn.Module, form: str = "reference", max_matrices: int = 64, step: int = 0) -> torch.Tensor:
+    """Mean penalty over a sample of at most ``max_matrices`` expert up-projections.
+
+    The sample is the reference's: ``random.seed(step); random.sample(matrices, max_matrices)`` over the
+    matrices in module order (here with a private ``random.Random(step)``, which draws the same sample and
+    leaves Python's global random state alone).
+    """
     matrices = expert_up_projections(model)
     if not matrices:
         raise ValueError("spectral regularisation needs adapters with expert up-projections")
     if len(matrices) > max_matrices:
-        chosen = torch.randperm(len(matrices), generator=generator)[:max_matrices].tolist()
-        matrices = [matrices[i] for i in chosen]
+        matrices = random.Random(step).sample(matrices, max_matrices)
     penalty = SPECTRAL_PENALTIES[form]
     return torch.stack([penalty(up) for up in matrices]).mean()

@@ -38,6 +38,7 @@ RESULT_TRAINING_ARGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_bet
                         "num_train_epochs", "max_steps", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
                         "optim", "optim_args", "seed", "data_seed", "bf16", "fp16", "label_smoothing_factor",
                         "dataloader_drop_last", "train_sampling_strategy", "average_tokens_across_devices",
+                        "loss_averaging",
                         "neftune_noise_alpha")
 # Fields whose difference makes a checkpoint unusable for this run even when resumed from by explicit path.
 STRUCTURAL_FIELDS = ("model", "adapter")
@@ -56,9 +57,9 @@ def training_identity(training_args) -> dict:
 
 
 def run_identity(model_name_or_path: str | None, data_path: str, max_seq_length: int, adapter_config,
-                 auxiliary_losses: dict, training_args) -> dict:
+                 auxiliary_losses: dict, training_args, base_dtype: str = "auto") -> dict:
     """What decides a run's result (``adapter_config``: as used, see AdapterConfig.effective)."""
-    return {"results_version": RESULTS_VERSION, "model": model_fingerprint(model_name_or_path),
+    return {"results_version": RESULTS_VERSION, "model": model_fingerprint(model_name_or_path), "base_dtype": base_dtype,
             "data": {"sha256": file_fingerprint(data_path), "max_seq_length": max_seq_length},
             "adapter": adapter_config.to_dict(), "auxiliary_losses": auxiliary_losses,
             "training": training_identity(training_args)}

@@ -33,6 +33,8 @@ class AdapterTrainer(Trainer):
     def __init__(self, *args, adapter_config: AdapterConfig, aux_losses: AuxiliaryLosses,
                  run_identity: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.loss_averaging == "micro_batch":  # the reference's per-micro-batch mean (no num_items_in_batch)
+            self.model_accepts_loss_kwargs = False
         self.adapter_config = adapter_config
         self.aux_losses = aux_losses
         self.run_identity = run_identity
@@ -61,6 +63,8 @@ class AdapterTrainer(Trainer):
             blc = balance_loss(model)
             if blc is not None:
                 self._record("balance_loss", blc)
+                if self.aux_losses.blc_mode == "reference":  # logged and added, no gradient (see --blc_mode)
+                    blc = blc.detach()
                 total = total + self.aux_losses.blc_alpha * blc
         if self.adapter_config.is_mole:
             gate_balance = mole_balance_loss(model)
@@ -68,11 +72,13 @@ class AdapterTrainer(Trainer):
                 self._record("mole_balance_loss", gate_balance)
                 total = total + self.aux_losses.mole_balance_alpha * gate_balance
         if self.aux_losses.enable_spectral_reg and self._spectral_due():
-            generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
             spectral = spectral_loss(model, self.aux_losses.spectral_reg_form,
-                                     self.aux_losses.spectral_reg_max_matrices, generator)
+                                     self.aux_losses.spectral_reg_max_matrices, step=self.state.global_step)
             self._record("spectral_loss", spectral)
-            total = total + self.aux_losses.spectral_reg_lambda * spectral
+            # Added on one micro-batch of the step, then divided by the accumulation steps with the rest of the
+            # loss: scaled back up so the step gets lambda whatever the split (the reference ran it on 2 GPUs
+            # without accumulation).
+            total = total + self.aux_losses.spectral_reg_lambda * self.current_gradient_accumulation_steps * spectral
         return total
 
     def _spectral_due(self) -> bool:

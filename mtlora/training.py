@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from mtlora.arguments import AdapterTrainingArguments, DataArguments, ModelArguments
+from mtlora.arguments import BASE_DTYPES, AdapterTrainingArguments, DataArguments, ModelArguments
 from mtlora.checkpoint import is_adapter_checkpoint, save_adapter
 from mtlora.config import AdapterConfig, warn_ignored
 from mtlora.errors import InvalidInput, MissingInput
@@ -54,6 +54,16 @@ def deepspeed_zero_stage(training_args: AdapterTrainingArguments) -> int | None:
             raise MissingInput(f"--deepspeed {config}: no such file")
         config = json.loads(Path(config).read_text())
     return config.get("zero_optimization", {}).get("stage", 0)
+
+
+def check_checkpointing(aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments) -> None:
+    """--blc_mode live under reentrant checkpointing would silently be the reference mode (the balance term is
+    recorded under no_grad there): refuse it."""
+    kwargs = training_args.gradient_checkpointing_kwargs or {}
+    if (aux_losses.enable_blc and aux_losses.blc_mode == "live" and training_args.gradient_checkpointing
+            and isinstance(kwargs, dict) and kwargs.get("use_reentrant")):
+        raise InvalidInput("--blc_mode live needs non-reentrant checkpointing: with --gradient_checkpointing_kwargs "
+                           "use_reentrant true the balance term has no gradient (that is --blc_mode reference)")
 
 
 def check_distributed_support(aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments) -> None:
@@ -104,10 +114,13 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     adapter_config.validate()
     aux_losses.validate(adapter_config)
     check_training_arguments(training_args)
+    if model_args.base_dtype not in BASE_DTYPES:
+        raise InvalidInput(f"--base_dtype: expected one of {', '.join(BASE_DTYPES)}, got {model_args.base_dtype!r}")
     ignored_flags = adapter_config.ignored_flags() + aux_losses.ignored_flags()
     warn_ignored(ignored_flags)
     adapter_config = adapter_config.effective()  # what the run records
     check_distributed_support(aux_losses, training_args)
+    check_checkpointing(aux_losses, training_args)
     if adapter_config.is_mole:  # absolute paths: the checkpoint's config names the library wherever it is read
         adapter_config.lora_library = [str(Path(p).resolve())
                                        for p in resolve_lora_checkpoints(",".join(adapter_config.lora_library))]
@@ -127,7 +140,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
         return train_task_library(model_args, data_args, adapter_config, aux_losses, training_args, records,
                                   ignored_flags, callbacks)
     identity = run_identity(model_args.model_name_or_path, data_args.data_path, data_args.max_seq_length,
-                            adapter_config, aux_losses.effective(), training_args)
+                            adapter_config, aux_losses.effective(), training_args, model_args.base_dtype)
     resume, resumed_differences = claim_run_folder(training_args, identity)
     return train_adapter(load_model(model_args, training_args), load_tokenizer(model_args.model_name_or_path),
                          records, model_args, data_args, adapter_config, aux_losses, training_args, identity,
@@ -135,7 +148,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
 
 
 def load_model(model_args: ModelArguments, training_args: AdapterTrainingArguments):
-    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    """The frozen base model in the dtype of --base_dtype (auto: bfloat16 with --bf16, else float32)."""
+    auto = torch.bfloat16 if training_args.bf16 else torch.float32
+    dtype = {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16}[model_args.base_dtype]
     return load_base_model(model_args.model_name_or_path, dtype=dtype)
 
 
@@ -196,7 +211,7 @@ def train_task_library(model_args: ModelArguments, data_args: DataArguments, ada
         config = dataclasses.replace(adapter_config)
         config.task_names = [task]
         identity = run_identity(model_args.model_name_or_path, data_args.data_path, data_args.max_seq_length,
-                                config, aux_losses.effective(), task_args)
+                                config, aux_losses.effective(), task_args, model_args.base_dtype)
         resume, _ = claim_run_folder(task_args, identity)
         summaries[task] = train_adapter(base_model, tokenizer, [r for r in records if r["task_type"] == task],
                                         model_args, data_args, config, aux_losses, task_args, identity, resume,

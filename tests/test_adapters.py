@@ -119,3 +119,30 @@ def test_loop_expert_mix_computes_the_fused_function(name):
     torch.testing.assert_close(loop, fused, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="expert mix must be one of fused, loop"):
         set_expert_mix(model, "grouped")
+
+
+def test_component_level_scalar_routing_gives_every_expert_its_own_dropout_mask():
+    adapter = RoutedLowRankAdapter(16, 8, rank=4, num_experts=3, scaling=2.0, dropout=0.5, dropout_per_expert=True)
+    torch.nn.init.normal_(adapter.lora_B)
+    x = torch.randn(5, 16)
+    masks = (torch.rand(3, 5, 16, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    class KnownMasks(torch.nn.Module):  # a known mask per expert, in the order the adapter asks for them
+        def forward(self, tokens):
+            return tokens * masks
+
+    adapter.dropout = KnownMasks()
+    weights = adapter.routing_weights(x)[:, 0]  # (5, 3)
+    expected = sum(weights[:, i:i + 1] * 2.0 * (masks[i] * x) @ adapter.lora_A.t() @ adapter.lora_B[i].t()
+                   for i in range(3))
+    torch.testing.assert_close(adapter.train()(x), expected)
+    adapter.dropout = torch.nn.Dropout(0.5)
+    torch.testing.assert_close(adapter.eval()(x), sum(weights[:, i:i + 1] * 2.0 * x @ adapter.lora_A.t()
+                                                      @ adapter.lora_B[i].t() for i in range(3)))
+
+
+@pytest.mark.parametrize("name, per_expert", [("hydralora", True), ("component-fgr", False), ("block-ffn", False)])
+def test_the_reference_draws_a_mask_per_expert_only_with_scalar_routing_at_the_component_level(name, per_expert):
+    model = attach_adapters(tiny_llama(), adapter_config(name, lora_dropout=0.1))
+    assert {a.dropout_per_expert for a in routed_adapters(model).values()} == {per_expert}
+    shared = attach_adapters(tiny_llama(), adapter_config(name, lora_dropout=0.1, expert_dropout="shared"))
+    assert not any(a.dropout_per_expert for a in routed_adapters(shared).values())

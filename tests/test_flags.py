@@ -77,7 +77,7 @@ def test_train_warns_once_and_records_the_configuration_used(tiny_model_dir, mul
         warnings.simplefilter("always")
         summary = run_training(*args)
     ignored = [str(w.message) for w in caught if issubclass(w.category, IgnoredFlagWarning)]
-    assert ignored == ["--lora_nums 8 has no effect with --method lora (a single adapter); the run records the value "
+    assert ignored == ["--lora_nums 8 has no effect with --method lora (it has no token router); the run records the value "
                        "actually used", "--blc_alpha 0.5 has no effect without --enable_blc; the run records the value "
                        "actually used"]
     assert json.loads((output / "adapter_config.json").read_text())["lora_nums"] == 1

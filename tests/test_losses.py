@@ -56,8 +56,9 @@ def test_reference_penalty_matches_a_hand_computation():
 
 def test_spectral_loss_is_zero_without_nan_when_experts_are_zero():
     model = attach_adapters(tiny_llama(), AdapterConfig(method="hydralora", lora_nums=4))
-    loss = spectral_loss(model, "singular_basis")
-    assert loss.item() == 0.0 and not torch.isnan(loss)
+    for form in ("reference", "singular_basis"):
+        loss = spectral_loss(model, form)
+        assert not torch.isnan(loss) and 0.0 <= loss.item() < 1e-25  # only the reference's c = 0 + 1e-8 is left
 
 
 def test_spectral_schedule_matches_the_reference():
@@ -75,3 +76,64 @@ def test_checkpoint_recompute_does_not_replace_the_recorded_routing():
     recorded = [a.routing_mean for a in routed_adapters(model).values()]
     (loss + balance_loss(model)).backward()
     assert all(a.routing_mean is r for a, r in zip(routed_adapters(model).values(), recorded))
+
+
+def test_reference_penalty_gradient_treats_c_as_a_constant():
+    up = torch.tensor([[1.0, 2.0], [0.0, 1.0], [1.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    spectral_penalty_reference(up).backward()
+    # by hand: c is a number from the detached B, w comes from the SVD without gradient
+    with torch.no_grad():
+        sigma = torch.linalg.svdvals(up)
+        w = torch.exp(-sigma / (sigma.mean() + 1e-8))
+        c = up.norm().item() / 2 ** 0.5 + 1e-8
+    b = up.detach().clone().requires_grad_()
+    d = b.t() @ b - c * c * torch.eye(2, dtype=torch.float64)
+    ((w[:, None] * w[None, :] * d) ** 2).sum().backward()
+    torch.testing.assert_close(up.grad, b.grad)
+    differentiable_c = up.detach().clone().requires_grad_()  # the form that lets c carry a gradient differs
+    d2 = differentiable_c.t() @ differentiable_c - differentiable_c.pow(2).sum() / 2 * torch.eye(2, dtype=torch.float64)
+    ((w[:, None] * w[None, :] * d2) ** 2).sum().backward()
+    assert not torch.allclose(differentiable_c.grad, up.grad)
+
+
+def test_spectral_sample_is_python_random_sample_of_the_module_ordered_matrices(monkeypatch):
+    import random
+
+    from mtlora import losses
+
+    model = attach_adapters(tiny_llama(), AdapterConfig(method="hydralora", lora_nums=8))  # 4 modules x 8 = 32 B's
+    matrices = losses.expert_up_projections(model)
+    assert len(matrices) == 32
+    seen = []
+    monkeypatch.setitem(losses.SPECTRAL_PENALTIES, "reference", lambda up: seen.append(up) or up.sum() * 0)
+    state = random.getstate()
+    losses.spectral_loss(model, "reference", max_matrices=5, step=499)
+    assert random.getstate() == state  # the global random state is left alone
+    random.seed(499)
+    expected = random.sample(matrices, 5)  # the reference: random.seed(global_step); random.sample(matrices, 64)
+    random.setstate(state)
+    assert [m.data_ptr() for m in seen] == [m.data_ptr() for m in expected]  # the same B's (views), same order
+
+
+def _router_gradients(blc_mode: str, blc_alpha: float) -> torch.Tensor:
+    from mtlora.losses import AuxiliaryLosses
+    from mtlora.trainer import AdapterTrainer
+
+    torch.manual_seed(0)
+    model = attach_adapters(tiny_llama(), AdapterConfig(method="mtlora", lora_nums=4, enable_block_adapter=True,
+                                                        lora_dropout=0.0))
+    for adapter in routed_adapters(model).values():
+        torch.nn.init.normal_(adapter.lora_B, std=0.1, generator=torch.Generator().manual_seed(1))
+    trainer = AdapterTrainer.__new__(AdapterTrainer)  # just its loss: no optimiser, data or arguments needed
+    trainer.aux_losses = AuxiliaryLosses(enable_blc=True, blc_alpha=blc_alpha, blc_mode=blc_mode)
+    trainer.adapter_config, trainer._aux_totals, trainer._aux_counts = AdapterConfig(), {}, {}
+    model.train()
+    loss = model(TOKENS, labels=TOKENS).loss + trainer._auxiliary_loss(model)
+    loss.backward()
+    return torch.cat([a.router.weight.grad.flatten() for a in routed_adapters(model).values()])
+
+
+def test_reference_blc_mode_logs_the_balance_loss_but_trains_nothing_with_it():
+    without = _router_gradients("reference", 0.0)
+    torch.testing.assert_close(_router_gradients("reference", 10.0), without, rtol=0, atol=0)
+    assert not torch.allclose(_router_gradients("live", 10.0), without)
