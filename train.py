@@ -7,8 +7,9 @@ Example (the paper's full mtLoRA on Flan-v2 -> BBH):
         --enable_fine_grained_routing --routing_group_size 2048 \\
         --enable_spectral_reg --spectral_reg_lambda 1.0 --spectral_reg_steps 500 --enable_blc --bf16
 
-Multi-GPU: `accelerate launch train.py ...` or `torchrun --nproc_per_node N train.py ...`;
-DeepSpeed: add `--deepspeed configs/ds_zero2.json`.
+Multi-GPU: `torchrun --nproc_per_node N train.py ...` (or `accelerate launch`); DeepSpeed ZeRO: add
+`--deepspeed configs/ds_zero2.json` (or ds_zero3.json; *_offload.json keep optimizer states, and under ZeRO-3 the
+frozen weights, in CPU memory). The optimizer and schedule always come from the flags below.
 """
 
 import sys
@@ -22,9 +23,14 @@ from mtlora.losses import AuxiliaryLosses
 from mtlora.training import count_only, run_training
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_arguments(argv: list[str] | None = None) -> tuple:
+    """(model, data, adapter, auxiliary-loss, training) arguments: every flag is declared once, in its dataclass."""
     parser = HfArgumentParser((ModelArguments, DataArguments, AdapterConfig, AuxiliaryLosses, AdapterTrainingArguments))
-    model_args, data_args, adapter_config, aux_losses, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, adapter_config, aux_losses, training_args = parse_arguments(argv)
     try:
         if model_args.count_params_only:
             adapter_config.validate()

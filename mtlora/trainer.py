@@ -4,6 +4,14 @@
   micro-batch of the scheduled optimisation steps) to the language-model loss, and logs each term.
 * Checkpoints hold the adapter (safetensors + config) plus the Trainer's optimizer, scheduler, RNG and
   state files, so ``--resume_from_checkpoint`` continues exactly where a killed run stopped.
+
+Across ranks (DDP or DeepSpeed): the language-model loss is normalised by the number of target tokens of the
+whole global batch, and the logged ``loss`` is its global value. Each auxiliary term is computed by each rank
+on its own micro-batch (the balance loss from that micro-batch's routing means, exactly as one process with
+gradient accumulation computes it per micro-batch), its gradient is averaged over ranks with the rest, and
+the logged ``balance_loss`` / ``spectral_loss`` is the mean over ranks and micro-batches since the last log.
+Only the main process writes files; under DeepSpeed the adapter saved is its float32 master copy,
+gathered whole from every rank.
 """
 
 from __future__ import annotations
@@ -15,8 +23,32 @@ from transformers import Trainer
 
 from mtlora.checkpoint import load_adapter_weights, save_adapter
 from mtlora.config import AdapterConfig
-from mtlora.injection import set_task_ids
+from mtlora.injection import adapter_state_dict, set_task_ids
 from mtlora.losses import AuxiliaryLosses, balance_loss, clear_routing_records, spectral_loss
+
+
+AUXILIARY_TERMS = ("balance_loss", "spectral_loss")
+
+
+def deepspeed_adapter_weights(model) -> dict[str, torch.Tensor]:
+    """Every adapter parameter, whole and in float32, from DeepSpeed's master copies (on the CPU).
+
+    ZeRO partitions them across ranks (and under bf16 the module holds only a bf16 copy); gathering is a
+    collective, so every rank must call this.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(model.named_parameters())
+    weights = {}
+    for name in adapter_state_dict(model):
+        param = params[name]
+        master = safe_get_full_fp32_param(param)  # None: no master copy (DeepSpeed in float32 without ZeRO)
+        weight = (param if master is None else master).detach().float().cpu()
+        expected = tuple(getattr(param, "ds_shape", param.shape))
+        if tuple(weight.shape) != expected:
+            raise RuntimeError(f"gathered {name} has shape {tuple(weight.shape)}, expected {expected}")
+        weights[name] = weight
+    return weights
 
 
 class AdapterTrainer(Trainer):
@@ -69,15 +101,32 @@ class AdapterTrainer(Trainer):
         return True
 
     def _record(self, name: str, value: torch.Tensor) -> None:
-        self._aux_totals[name] = self._aux_totals.get(name, 0.0) + float(value.detach())
+        # Kept as a tensor on the device: reading it back every step would wait for the GPU.
+        self._aux_totals[name] = self._aux_totals.get(name, 0.0) + value.detach().float()
         self._aux_counts[name] = self._aux_counts.get(name, 0) + 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # training logs: add the mean of each auxiliary term since the last log
-            for name, total in self._aux_totals.items():
-                logs[name] = round(total / self._aux_counts[name], 6)
-            self._aux_totals, self._aux_counts = {}, {}
+        if "loss" in logs:  # training logs (called on every rank): add the auxiliary terms since the last log
+            logs.update(self._auxiliary_means())
         super().log(logs, start_time)
+
+    def _auxiliary_means(self) -> dict[str, float]:
+        """Mean of each auxiliary term over the micro-batches of every rank since the last log."""
+        sums = torch.zeros(len(AUXILIARY_TERMS), 2, dtype=torch.float64, device=self.args.device)  # (term, [total, count])
+        for row, name in enumerate(AUXILIARY_TERMS):
+            if name in self._aux_counts:
+                sums[row, 0] = self._aux_totals[name]
+                sums[row, 1] = self._aux_counts[name]
+        sums = self.accelerator.reduce(sums, reduction="sum")  # the same collective on every rank
+        self._aux_totals, self._aux_counts = {}, {}
+        return {name: round(total / count, 6) for name, (total, count) in zip(AUXILIARY_TERMS, sums.tolist()) if count}
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save, except under DeepSpeed: there the adapter's float32 master weights are
+        gathered whole (a collective, so every rank calls this) and the main process writes them."""
+        if not self.is_deepspeed_enabled:
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir, state_dict=deepspeed_adapter_weights(self.model))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:

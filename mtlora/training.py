@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +14,6 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from mtlora.arguments import AdapterTrainingArguments, DataArguments, ModelArguments
-from mtlora.checkpoint import save_adapter
 from mtlora.config import AdapterConfig
 from mtlora.errors import InvalidInput, MissingInput
 from mtlora.injection import attach_adapters, find_decoder_layers
@@ -49,23 +50,63 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
     return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
 
 
-def deepspeed_zero_stage(training_args: AdapterTrainingArguments) -> int | None:
-    """The ZeRO stage of --deepspeed (a JSON path or dict), or None without DeepSpeed."""
+def deepspeed_config(training_args: AdapterTrainingArguments) -> dict | None:
+    """The --deepspeed config (a JSON file or a dict), or None without DeepSpeed."""
     config = training_args.deepspeed
     if not config:
         return None
-    if isinstance(config, str):
-        if not Path(config).is_file():
-            raise MissingInput(f"--deepspeed {config}: no such file")
-        config = json.loads(Path(config).read_text())
-    return config.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(config, dict):
+        return config
+    path = Path(config)
+    if not path.is_file():
+        raise MissingInput(f"--deepspeed {config}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InvalidInput(f"--deepspeed {config}:{err.lineno}: invalid JSON ({err.msg})") from None
+
+
+def deepspeed_zero_stage(training_args: AdapterTrainingArguments) -> int | None:
+    """The ZeRO stage of --deepspeed, or None without DeepSpeed."""
+    config = deepspeed_config(training_args)
+    return None if config is None else config.get("zero_optimization", {}).get("stage", 0)
 
 
 def check_distributed_support(aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments) -> None:
-    """Spectral regularisation reads whole expert matrices, which ZeRO-3 partitions across ranks."""
+    """Refuse, before anything is loaded, a --deepspeed config the run cannot use or would train differently under."""
+    config = deepspeed_config(training_args)
+    if config is None:
+        return
+    source = f"--deepspeed {training_args.deepspeed}" if isinstance(training_args.deepspeed, str) else "--deepspeed"
+    replaced = [key for key in ("optimizer", "scheduler") if key in config]
+    if replaced:
+        raise InvalidInput(
+            f"{source}: remove its {' and '.join(map(repr, replaced))} section: the optimizer and learning-rate "
+            "schedule come from train.py's flags (--optim, --learning_rate, --weight_decay, --lr_scheduler_type, "
+            "--warmup_steps), so that a DeepSpeed run trains like a DDP one; a DeepSpeed scheduler would replace "
+            "the schedule, and DeepSpeed's optimizers are compiled on first use")
     if aux_losses.enable_spectral_reg and deepspeed_zero_stage(training_args) == 3:
         raise InvalidInput("--enable_spectral_reg needs every expert matrix whole on each rank, which ZeRO-3 "
-                         "partitions: use --deepspeed configs/ds_zero2.json or plain DDP")
+                           f"partitions ({source}): use configs/ds_zero2.json or plain DDP")
+    if "WORLD_SIZE" not in os.environ and not mpi_available():
+        raise InvalidInput(
+            f"{source} needs a launcher that starts the ranks: `deepspeed --num_gpus N train.py ...`, `torchrun "
+            "--nproc_per_node N train.py ...` or `accelerate launch --use_deepspeed --num_processes N train.py ...` "
+            "(N = 1 for one GPU); without one DeepSpeed looks for MPI, and mpi4py is not installed")
+
+
+def mpi_available() -> bool:
+    return importlib.util.find_spec("mpi4py") is not None
+
+
+def load_for_zero3(model_name_or_path: str | None, dtype: torch.dtype, adapter_config: AdapterConfig,
+                   training_args: AdapterTrainingArguments):
+    """The base model, partitioned across ranks as it loads (ZeRO-3), with adapters attached."""
+    import deepspeed
+
+    deepspeed.init_distributed()  # partitioning needs the ranks; a no-op where the launcher's setup started them
+    # Each parameter's placeholder must stay on this rank's device: DeepSpeed gathers a parameter onto it.
+    return attach_adapters(load_base_model(model_name_or_path, dtype=dtype, device=training_args.device), adapter_config)
 
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
@@ -81,20 +122,24 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
         raise InvalidInput(f"--max_seq_length must be at least 8, got {data_args.max_seq_length}")
     records = read_instruction_records(data_args.data_path)
     adapter_config.task_names = task_labels(records)
-    # Every check that needs the model's shapes (target names, group sizes), on the architecture alone.
-    attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config)
+    # Every check that needs the model's shapes (target names, group sizes), on the architecture alone;
+    # counted here too, since ZeRO-3 partitions the loaded weights.
+    trainable, total = count_parameters(attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config))
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length, adapter_config.task_names)
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     set_seed(training_args.seed)  # adapter and router initialisation is part of the run's seeded state
-    model = attach_adapters(load_base_model(model_args.model_name_or_path, dtype=dtype), adapter_config)
+    if deepspeed_zero_stage(training_args) == 3:
+        model = load_for_zero3(model_args.model_name_or_path, dtype, adapter_config, training_args)
+    else:
+        model = attach_adapters(load_base_model(model_args.model_name_or_path, dtype=dtype), adapter_config)
     if model_args.compile_layers:
         compile_decoder_layers(model)
-    trainable, total = count_parameters(model)
-    print(format_parameter_count(trainable, total))
-    print(f"training examples: {len(dataset)} ({dataset.num_truncated} truncated to {data_args.max_seq_length} tokens)")
+    if training_args.should_log:
+        print(format_parameter_count(trainable, total))
+        print(f"training examples: {len(dataset)} ({dataset.num_truncated} truncated to {data_args.max_seq_length} tokens)")
 
     trainer = AdapterTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
@@ -103,7 +148,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     )
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
-    save_adapter(model, adapter_config, training_args.output_dir)
+    trainer.save_model()  # on the main process only, gathered from every rank under DeepSpeed
     summary = {
         "model": model_args.model_name_or_path, "adapter_config": adapter_config.to_dict(),
         "auxiliary_losses": dataclasses.asdict(aux_losses),
