@@ -7,9 +7,10 @@ Example (the paper's full mtLoRA on Flan-v2 -> BBH):
         --enable_fine_grained_routing --routing_group_size 2048 \\
         --enable_spectral_reg --spectral_reg_lambda 1.0 --spectral_reg_steps 500 --enable_blc --bf16
 
-Multi-GPU: `torchrun --nproc_per_node N train.py ...` (or `accelerate launch`); DeepSpeed ZeRO: add
-`--deepspeed configs/ds_zero2.json` (or ds_zero3.json; *_offload.json keep optimizer states, and under ZeRO-3 the
-frozen weights, in CPU memory). The optimizer and schedule always come from the flags below.
+Multi-GPU: `torchrun --nproc_per_node N train.py ...` (or `accelerate launch`). DeepSpeed ZeRO, through a launcher
+(`deepspeed --num_gpus N train.py ...` also for one GPU): add `--deepspeed configs/ds_zero2.json` (or ds_zero3.json;
+the *_offload.json configs keep optimizer states, and under ZeRO-3 the frozen weights, in CPU memory). The
+optimizer and learning-rate schedule always come from this script's flags, never from the DeepSpeed config.
 """
 
 import sys

@@ -220,6 +220,22 @@ def test_zero3_adapter_is_saved_whole_and_loads_back(runs, tiny_model_dir):
         assert torch.equal(loaded[name], tensor)
 
 
+
+@pytest.mark.slow
+def test_distributed_benchmark_quick_run_on_cpu(tmp_path):
+    from benchmarks import bench_distributed as bench
+
+    bench.main(["--quick", "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "distributed_quick.json").read_text())
+    rows = {(row["method"], row["mode"]): row for row in saved["runs"]}
+    assert set(rows) == {(method, mode) for method in ("mtlora", "hydralora") for mode in ("1gpu", "ddp")}
+    for method in ("mtlora", "hydralora"):
+        ddp = rows[(method, "ddp")]
+        assert ddp["agrees"] and ddp["lr_equal"] and ddp["every_example_full"] and ddp["tokens_per_s"] > 0
+        assert ddp["adapter"]["loads"] and ddp["adapter"]["empty"] == 0 and len(ddp["peak_gib"]) == 2
+    assert saved["skipped"] == [] and saved["environment"]["device"] == "cpu (gloo)"
+    assert (tmp_path / "out" / "distributed_quick.md").read_text().count("| tiny |") == 4
+
 # ------------------------------------------------------------------------------ checks before loading (fast)
 
 def _deepspeed_args(tmp_path, config: dict | Path) -> AdapterTrainingArguments:
