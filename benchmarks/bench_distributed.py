@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -532,9 +533,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output_dir", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tag", default=None, help="results file name: distributed_<tag>.json (default: device)")
     parser.add_argument("--only", default=None,
-                        help="run only the runs whose name (MODEL-METHOD-MODE) contains this text, e.g. zero3_offload; "
-                             "baselines measured by an earlier invocation in the same --work_dir are reused")
-    parser.add_argument("--job_timeout_minutes", type=float, default=6.0)
+                        help="run only the runs whose name (MODEL-METHOD-MODE) matches this regular expression, e.g. "
+                             "'llama-2-7b-.*(1gpu|offload)$'; a baseline not run again is read from an earlier "
+                             "invocation's record in the same --work_dir")
+    parser.add_argument("--job_timeout_minutes", type=float, default=7.0)
     parser.add_argument("--budget_minutes", type=float, default=7.0,
                         help="start no job after this many minutes since the start (those left are listed as "
                              "skipped); the last ones started take about 2 more on 2 H200s")
@@ -558,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict:
         (work_dir / sub).mkdir(parents=True, exist_ok=True)
     jobs = quick_plan() if args.quick else gpu_plan()
     if args.only:
-        jobs = [Job(job.launcher, job.gpus, [r for r in job.runs if args.only in r.name]) for job in jobs]
+        jobs = [Job(job.launcher, job.gpus, [r for r in job.runs if re.search(args.only, r.name)]) for job in jobs]
         jobs = [job for job in jobs if job.runs]
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     models, data, hidden = {}, {}, {}

@@ -10,8 +10,8 @@ whole global batch, and the logged ``loss`` is its global value. Each auxiliary 
 on its own micro-batch (the balance loss from that micro-batch's routing means, exactly as one process with
 gradient accumulation computes it per micro-batch), its gradient is averaged over ranks with the rest, and
 the logged ``balance_loss`` / ``spectral_loss`` is the mean over ranks and micro-batches since the last log.
-Only the main process writes files; under DeepSpeed the adapter saved is its float32 master copy,
-gathered whole from every rank.
+Only the main process writes the adapter and the run's files (each rank adds its RNG state to a checkpoint);
+under DeepSpeed the adapter saved is its float32 master copy, gathered whole from every rank.
 """
 
 from __future__ import annotations

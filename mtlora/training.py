@@ -85,7 +85,7 @@ def check_distributed_support(aux_losses: AuxiliaryLosses, training_args: Adapte
             "schedule come from train.py's flags (--optim, --learning_rate, --weight_decay, --lr_scheduler_type, "
             "--warmup_steps), so that a DeepSpeed run trains like a DDP one; a DeepSpeed scheduler would replace "
             "the schedule, and DeepSpeed's optimizers are compiled on first use")
-    if aux_losses.enable_spectral_reg and deepspeed_zero_stage(training_args) == 3:
+    if aux_losses.enable_spectral_reg and config.get("zero_optimization", {}).get("stage", 0) == 3:
         raise InvalidInput("--enable_spectral_reg needs every expert matrix whole on each rank, which ZeRO-3 "
                            f"partitions ({source}): use configs/ds_zero2.json or plain DDP")
     if "WORLD_SIZE" not in os.environ and not mpi_available():
