@@ -103,6 +103,7 @@ class Job:
 
 # ------------------------------------------------------------------------------------------------ plans
 
+METHODS = ("lora", "hydralora", "mmoelora", "mtlora")
 METHOD_FLAGS = {
     "lora": ["--method", "lora"],
     "hydralora": ["--method", "hydralora"],
@@ -137,8 +138,6 @@ def quick_plan() -> list[Job]:
             Job("torchrun", 0, [Run(method=m, mode="ddp", **size) for m in rows])]
 
 
-METHODS = ("lora", "hydralora", "mmoelora", "mtlora")
-
 
 # ------------------------------------------------------------------------------------ models and data
 
@@ -161,11 +160,11 @@ def prepare_model(name: str, work_dir: Path, tokenizer, quick: bool) -> Path:
 
 def synthetic_records(tokenizer, count: int, seq_len: int, seed: int = 0) -> list[dict]:
     """Three word tasks whose prompt and response together exceed ``seq_len`` tokens, so every example is
-    truncated to exactly ``seq_len``; the words are single tokens with ids below 20,000 (inside the 32,000 of
-    LLaMA-2's vocabulary)."""
+    truncated to exactly ``seq_len``; each word is one token with an id below 20,000 (inside the 32,000 of
+    LLaMA-2's vocabulary) both after a space and at the start of a line."""
     vocab = tokenizer.get_vocab()
-    words = sorted(s[1:] for s, i in vocab.items() if 1000 <= i < 20000 and s.startswith("Ġ") and s[1:].isalpha()
-                   and s[1:].islower())
+    words = sorted(s[1:] for s, i in vocab.items() if s.startswith("Ġ") and s[1:].isalpha() and s[1:].islower()
+                   and 1000 <= i < 20000 and vocab.get(s[1:], 20000) < 20000)
     rng = random.Random(seed)
     tasks = {"copy": ("Repeat these words.", lambda w: w), "reverse": ("Reverse these words.", lambda w: w[::-1]),
              "sort": ("Sort these words.", sorted)}
@@ -183,9 +182,10 @@ def prepare_data(work_dir: Path, tokenizer, count: int, seq_len: int, vocab_size
     path = work_dir / f"records-{count}x{seq_len}.jsonl"
     if not path.is_file():
         records = synthetic_records(tokenizer, count, seq_len)
-        for record in records:  # every example is exactly seq_len tokens, all ids inside the smaller vocabulary
-            example, truncated = tokenize_record(record, tokenizer, seq_len)
-            assert truncated and len(example["input_ids"]) == seq_len and max(example["input_ids"]) < vocab_size
+        for index, record in enumerate(records):  # every example fills seq_len, with ids inside the vocabulary
+            ids = tokenize_record(record, tokenizer, seq_len)[0]["input_ids"]
+            if len(ids) != seq_len or max(ids) >= vocab_size:
+                raise RuntimeError(f"synthetic record {index}: {len(ids)} tokens, largest id {max(ids)}")
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -241,12 +241,13 @@ class Measure(TrainerCallback):
         self._started = 0.0
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        chain, inner = [], optimizer
-        while inner is not None:
+        chain, inner, stepping = [], optimizer, None
+        while inner is not None:  # the wrappers (accelerate's, DeepSpeed's) down to the optimizer that steps
             chain.append(f"{type(inner).__module__}.{type(inner).__name__}")
-            inner = getattr(inner, "optimizer", None)
+            stepping, inner = inner, getattr(inner, "optimizer", None)
         config = getattr(args, "hf_deepspeed_config", None)
-        self.values.update(optimizer=chain, lr_scheduler=f"{type(lr_scheduler).__module__}.{type(lr_scheduler).__name__}",
+        self.values.update(optimizer=chain, fused=getattr(stepping, "defaults", {}).get("fused"),
+                           lr_scheduler=f"{type(lr_scheduler).__module__}.{type(lr_scheduler).__name__}",
                            zero_optimization=config.config.get("zero_optimization") if config else None)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -351,7 +352,7 @@ def analyse(run: Run, record: dict, baseline: dict | None, model_dir: Path, run_
     losses = [e["loss"] for e in record["log"]]
     row.update(loss_step1=losses[0], loss_last=losses[-1], steps_logged=len(losses),
                tokens_per_s=throughput(run, record), peak_gib=record["peak_gib"],
-               held_before_gib=record["held_before_gib"], optimizer=record["optimizer"],
+               held_before_gib=record["held_before_gib"], optimizer=record["optimizer"], fused=record["fused"],
                lr_scheduler=record["lr_scheduler"], zero_optimization=record["zero_optimization"],
                every_example_full=record["every_example_full"], wall_seconds=record["wall_seconds"],
                adapter=adapter_check(run_dir, model_dir, base_dir if run.mode != "1gpu" else None))

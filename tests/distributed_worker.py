@@ -41,11 +41,12 @@ class RunRecord(TrainerCallback):
         self.values = {"rank_differences": []}
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        chain, inner = [], optimizer
+        chain, inner, stepping = [], optimizer, None
         while inner is not None:  # the wrappers around the optimizer that steps (DeepSpeed's, accelerate's)
             chain.append(f"{type(inner).__module__}.{type(inner).__name__}")
-            inner = getattr(inner, "optimizer", None)
+            stepping, inner = inner, getattr(inner, "optimizer", None)
         self.values["optimizer"] = chain
+        self.values["fused"] = getattr(stepping, "defaults", {}).get("fused")
         self.values["lr_scheduler"] = f"{type(lr_scheduler).__module__}.{type(lr_scheduler).__name__}"
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
