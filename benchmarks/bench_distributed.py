@@ -360,7 +360,8 @@ def analyse(run: Run, record: dict, baseline: dict | None, model_dir: Path, run_
         base_losses = [e["loss"] for e in baseline["log"]]
         row.update(loss_step1_rel=relative(losses[0], base_losses[0]),
                    loss_last_rel=relative(losses[-1], base_losses[-1]),
-                   lr_equal=[e["learning_rate"] for e in record["log"]] == [e["learning_rate"] for e in baseline["log"]])
+                   lr_equal=[e["learning_rate"] for e in record["log"]] == [e["learning_rate"]
+                                                                            for e in baseline["log"]])
         base_rate = throughput(Run(**{**asdict(run), "mode": "1gpu"}), baseline)
         if row["tokens_per_s"] and base_rate:
             row["speed_vs_1gpu"] = row["tokens_per_s"] / base_rate

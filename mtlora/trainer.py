@@ -112,12 +112,13 @@ class AdapterTrainer(Trainer):
 
     def _auxiliary_means(self) -> dict[str, float]:
         """Mean of each auxiliary term over the micro-batches of every rank since the last log."""
-        sums = torch.zeros(len(AUXILIARY_TERMS), 2, dtype=torch.float64, device=self.args.device)  # (term, [total, count])
+        # (term, [total, count]) on this rank, then summed over the ranks
+        sums = torch.zeros(len(AUXILIARY_TERMS), 2, dtype=torch.float64, device=self.args.device)
         for row, name in enumerate(AUXILIARY_TERMS):
             if name in self._aux_counts:
                 sums[row, 0] = self._aux_totals[name]
                 sums[row, 1] = self._aux_counts[name]
-        sums = self.accelerator.reduce(sums, reduction="sum")  # the same collective on every rank
+        sums = self.accelerator.reduce(sums, reduction="sum")
         self._aux_totals, self._aux_counts = {}, {}
         return {name: round(total / count, 6) for name, (total, count) in zip(AUXILIARY_TERMS, sums.tolist()) if count}
 

@@ -106,7 +106,8 @@ def load_for_zero3(model_name_or_path: str | None, dtype: torch.dtype, adapter_c
 
     deepspeed.init_distributed()  # partitioning needs the ranks; a no-op where the launcher's setup started them
     # Each parameter's placeholder must stay on this rank's device: DeepSpeed gathers a parameter onto it.
-    return attach_adapters(load_base_model(model_name_or_path, dtype=dtype, device=training_args.device), adapter_config)
+    model = load_base_model(model_name_or_path, dtype=dtype, device=training_args.device)
+    return attach_adapters(model, adapter_config)
 
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
@@ -124,7 +125,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     adapter_config.task_names = task_labels(records)
     # Every check that needs the model's shapes (target names, group sizes), on the architecture alone;
     # counted here too, since ZeRO-3 partitions the loaded weights.
-    trainable, total = count_parameters(attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config))
+    meta_model = attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config)
+    trainable, total = count_parameters(meta_model)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
@@ -139,7 +141,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
         compile_decoder_layers(model)
     if training_args.should_log:
         print(format_parameter_count(trainable, total))
-        print(f"training examples: {len(dataset)} ({dataset.num_truncated} truncated to {data_args.max_seq_length} tokens)")
+        print(f"training examples: {len(dataset)} "
+              f"({dataset.num_truncated} truncated to {data_args.max_seq_length} tokens)")
 
     trainer = AdapterTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,

@@ -267,7 +267,8 @@ def test_shipped_deepspeed_configs_leave_optimizer_and_schedule_to_the_trainer(c
 def test_a_deepspeed_optimizer_or_schedule_is_refused_before_loading(section, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     training = _deepspeed_args(tmp_path, {"zero_optimization": {"stage": 2}, section: {"type": "AdamW"}})
-    with pytest.raises(InvalidInput, match=rf"--deepspeed .*ds.json: remove its '{section}' section: .*--lr_scheduler_type"):
+    expected = rf"--deepspeed .*ds.json: remove its '{section}' section: .*--lr_scheduler_type"
+    with pytest.raises(InvalidInput, match=expected):
         check_distributed_support(AuxiliaryLosses(), training)
 
 
