@@ -67,6 +67,10 @@ class AdapterTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = "none"
     gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(default_factory=lambda: {"use_reentrant": False})
     remove_unused_columns: bool = False
+    # Every trainable parameter takes part in every training forward (MMoELoRA's task gate too: each batch
+    # carries task ids; tests/test_distributed.py checks it for every adapter configuration), so DDP need not
+    # search the graph for unused ones after each backward, as the Trainer's default would without checkpointing.
+    ddp_find_unused_parameters: bool | None = False
     loss_averaging: str = field(default="micro_batch", metadata={
         "help": "micro_batch: the LM loss is each micro-batch's token mean, averaged over the accumulation steps, as "
                 "in the reference runs (transformers 4.36) | tokens: the token mean over the whole accumulated batch "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_utils import set_zero3_state
 
 from mtlora.errors import InvalidInput, MissingInput
 
@@ -75,7 +76,9 @@ def load_model_config(model_name_or_path: str | None):
 def build_meta_model(model_name_or_path: str | None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The architecture with no weights (meta device): for parameter counts and memory plans."""
     config = load_model_config(model_name_or_path)
-    with torch.device("meta"):
+    # Under a DeepSpeed ZeRO-3 config transformers builds every model inside deepspeed.zero.Init, which would
+    # allocate and partition the weights across ranks; set_zero3_state() is its switch for "not this one".
+    with torch.device("meta"), set_zero3_state():
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 

@@ -6,6 +6,14 @@
   state files and the run's identity, so ``--resume_from_checkpoint`` continues exactly where a killed run
   stopped. Each is written into a hidden folder and renamed into place (``mtlora.run_folder``), so a kill
   during a save never leaves a ``checkpoint-N`` that looks complete.
+
+Across ranks (DDP or DeepSpeed): the language-model loss is normalised by the number of target tokens of the
+whole global batch, and the logged ``loss`` is its global value. Each auxiliary term is computed by each rank
+on its own micro-batch (the balance loss from that micro-batch's routing means, exactly as one process with
+gradient accumulation computes it per micro-batch), its gradient is averaged over ranks with the rest, and
+the logged ``balance_loss`` / ``spectral_loss`` is the mean over ranks and micro-batches since the last log.
+Only the main process writes the adapter and the run's files (each rank adds its RNG state to a checkpoint);
+under DeepSpeed the adapter saved is its float32 master copy, gathered whole from every rank.
 """
 
 from __future__ import annotations
@@ -21,10 +29,34 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from mtlora.checkpoint import load_adapter_weights, save_adapter
 from mtlora.config import AdapterConfig
 from mtlora.evaluation.reporting import write_json
-from mtlora.injection import set_task_ids
+from mtlora.injection import adapter_state_dict, set_task_ids
 from mtlora.losses import AuxiliaryLosses, balance_loss, clear_routing_records, spectral_loss
 from mtlora.mole import mole_balance_loss
 from mtlora.run_folder import TRAINER_STATE, publish_checkpoint, staging_folder, write_identity
+
+
+AUXILIARY_TERMS = ("balance_loss", "spectral_loss", "mole_balance_loss")
+
+
+def deepspeed_adapter_weights(model) -> dict[str, torch.Tensor]:
+    """Every adapter parameter, whole and in float32, from DeepSpeed's master copies (on the CPU).
+
+    ZeRO partitions them across ranks (and under bf16 the module holds only a bf16 copy); gathering is a
+    collective, so every rank must call this.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(model.named_parameters())
+    weights = {}
+    for name in adapter_state_dict(model):
+        param = params[name]
+        master = safe_get_full_fp32_param(param)  # None: no master copy (DeepSpeed in float32 without ZeRO)
+        weight = (param if master is None else master).detach().float().cpu()
+        expected = tuple(getattr(param, "ds_shape", param.shape))
+        if tuple(weight.shape) != expected:
+            raise RuntimeError(f"gathered {name} has shape {tuple(weight.shape)}, expected {expected}")
+        weights[name] = weight
+    return weights
 
 
 class AdapterTrainer(Trainer):
@@ -91,15 +123,33 @@ class AdapterTrainer(Trainer):
         return True
 
     def _record(self, name: str, value: torch.Tensor) -> None:
-        self._aux_totals[name] = self._aux_totals.get(name, 0.0) + float(value.detach())
+        # Kept as a tensor on the device: reading it back every step would wait for the GPU.
+        self._aux_totals[name] = self._aux_totals.get(name, 0.0) + value.detach().float()
         self._aux_counts[name] = self._aux_counts.get(name, 0) + 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # training logs: add the mean of each auxiliary term since the last log
-            for name, total in self._aux_totals.items():
-                logs[name] = round(total / self._aux_counts[name], 6)
-            self._aux_totals, self._aux_counts = {}, {}
+        if "loss" in logs:  # training logs (called on every rank): add the auxiliary terms since the last log
+            logs.update(self._auxiliary_means())
         super().log(logs, start_time)
+
+    def _auxiliary_means(self) -> dict[str, float]:
+        """Mean of each auxiliary term over the micro-batches of every rank since the last log."""
+        # (term, [total, count]) on this rank, then summed over the ranks
+        sums = torch.zeros(len(AUXILIARY_TERMS), 2, dtype=torch.float64, device=self.args.device)
+        for row, name in enumerate(AUXILIARY_TERMS):
+            if name in self._aux_counts:
+                sums[row, 0] = self._aux_totals[name]
+                sums[row, 1] = self._aux_counts[name]
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        self._aux_totals, self._aux_counts = {}, {}
+        return {name: round(total / count, 6) for name, (total, count) in zip(AUXILIARY_TERMS, sums.tolist()) if count}
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save, except under DeepSpeed: there the adapter's float32 master weights are
+        gathered whole (a collective, so every rank calls this) and the main process writes them."""
+        if not self.is_deepspeed_enabled:
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir, state_dict=deepspeed_adapter_weights(self.model))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:

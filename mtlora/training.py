@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from transformers import set_seed
 
 from mtlora.arguments import BASE_DTYPES, AdapterTrainingArguments, DataArguments, ModelArguments
-from mtlora.checkpoint import is_adapter_checkpoint, save_adapter
+from mtlora.checkpoint import is_adapter_checkpoint
 from mtlora.config import AdapterConfig, warn_ignored
 from mtlora.errors import InvalidInput, MissingInput
 from mtlora.injection import attach_adapters, detach_adapters, find_decoder_layers
@@ -44,16 +46,26 @@ def count_only(model_args: ModelArguments, adapter_config: AdapterConfig) -> int
     return trainable
 
 
-def deepspeed_zero_stage(training_args: AdapterTrainingArguments) -> int | None:
-    """The ZeRO stage of --deepspeed (a JSON path or dict), or None without DeepSpeed."""
+def deepspeed_config(training_args: AdapterTrainingArguments) -> dict | None:
+    """The --deepspeed config (a JSON file or a dict), or None without DeepSpeed."""
     config = training_args.deepspeed
     if not config:
         return None
-    if isinstance(config, str):
-        if not Path(config).is_file():
-            raise MissingInput(f"--deepspeed {config}: no such file")
-        config = json.loads(Path(config).read_text())
-    return config.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(config, dict):
+        return config
+    path = Path(config)
+    if not path.is_file():
+        raise MissingInput(f"--deepspeed {config}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InvalidInput(f"--deepspeed {config}:{err.lineno}: invalid JSON ({err.msg})") from None
+
+
+def deepspeed_zero_stage(training_args: AdapterTrainingArguments) -> int | None:
+    """The ZeRO stage of --deepspeed, or None without DeepSpeed."""
+    config = deepspeed_config(training_args)
+    return None if config is None else config.get("zero_optimization", {}).get("stage", 0)
 
 
 def check_checkpointing(aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments) -> None:
@@ -67,10 +79,30 @@ def check_checkpointing(aux_losses: AuxiliaryLosses, training_args: AdapterTrain
 
 
 def check_distributed_support(aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments) -> None:
-    """Spectral regularisation reads whole expert matrices, which ZeRO-3 partitions across ranks."""
-    if aux_losses.enable_spectral_reg and deepspeed_zero_stage(training_args) == 3:
+    """Refuse, before anything is loaded, a --deepspeed config the run cannot use or would train differently under."""
+    config = deepspeed_config(training_args)
+    if config is None:
+        return
+    source = f"--deepspeed {training_args.deepspeed}" if isinstance(training_args.deepspeed, str) else "--deepspeed"
+    replaced = [key for key in ("optimizer", "scheduler") if key in config]
+    if replaced:
+        raise InvalidInput(
+            f"{source}: remove its {' and '.join(map(repr, replaced))} section: the optimizer and learning-rate "
+            "schedule come from train.py's flags (--optim, --learning_rate, --weight_decay, --lr_scheduler_type, "
+            "--warmup_steps), so that a DeepSpeed run trains like a DDP one; a DeepSpeed scheduler would replace "
+            "the schedule, and DeepSpeed's optimizers are compiled on first use")
+    if aux_losses.enable_spectral_reg and config.get("zero_optimization", {}).get("stage", 0) == 3:
         raise InvalidInput("--enable_spectral_reg needs every expert matrix whole on each rank, which ZeRO-3 "
-                         "partitions: use --deepspeed configs/ds_zero2.json or plain DDP")
+                           f"partitions ({source}): use configs/ds_zero2.json or plain DDP")
+    if "WORLD_SIZE" not in os.environ and not mpi_available():
+        raise InvalidInput(
+            f"{source} needs a launcher that starts the ranks: `deepspeed --num_gpus N train.py ...`, `torchrun "
+            "--nproc_per_node N train.py ...` or `accelerate launch --use_deepspeed --num_processes N train.py ...` "
+            "(N = 1 for one GPU); without one DeepSpeed looks for MPI, and mpi4py is not installed")
+
+
+def mpi_available() -> bool:
+    return importlib.util.find_spec("mpi4py") is not None
 
 
 def check_training_arguments(training_args: AdapterTrainingArguments) -> None:
@@ -130,43 +162,57 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
         raise InvalidInput(f"--max_seq_length must be at least 8, got {data_args.max_seq_length}")
     records = read_instruction_records(data_args.data_path)
     adapter_config.task_names = task_labels(records)
-    # Every check that needs the model's shapes (target names, group sizes), on the architecture alone.
-    attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config)
+    # Every check that needs the model's shapes (target names, group sizes), on the architecture alone;
+    # counted here too, since ZeRO-3 partitions the loaded weights.
+    counts = count_parameters(attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config))
     folder, gguf_file = resolve_model_source(model_args.model_name_or_path)
     if gguf_file is None and is_config_only(folder):
         raise InvalidInput(f"--model_name_or_path {folder}: holds only config.json; training needs the weights "
                            "(a config-only folder serves --count_params_only)")
     if data_args.train_per_task:
         return train_task_library(model_args, data_args, adapter_config, aux_losses, training_args, records,
-                                  ignored_flags, callbacks)
+                                  counts, ignored_flags, callbacks)
     identity = run_identity(model_args.model_name_or_path, data_args.data_path, data_args.max_seq_length,
                             adapter_config, aux_losses.effective(), training_args, model_args.base_dtype)
     resume, resumed_differences = claim_run_folder(training_args, identity)
     return train_adapter(load_model(model_args, training_args), load_tokenizer(model_args.model_name_or_path),
-                         records, model_args, data_args, adapter_config, aux_losses, training_args, identity,
+                         records, model_args, data_args, adapter_config, aux_losses, training_args, identity, counts,
                          resume, resumed_differences, ignored_flags, callbacks)
 
 
 def load_model(model_args: ModelArguments, training_args: AdapterTrainingArguments):
-    """The frozen base model in the dtype of --base_dtype (auto: bfloat16 with --bf16, else float32)."""
+    """The frozen base model in the dtype of --base_dtype (auto: bfloat16 with --bf16, else float32); under ZeRO-3
+    partitioned across the ranks as it loads."""
     auto = torch.bfloat16 if training_args.bf16 else torch.float32
     dtype = {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16}[model_args.base_dtype]
-    return load_base_model(model_args.model_name_or_path, dtype=dtype)
+    if deepspeed_zero_stage(training_args) != 3:
+        return load_base_model(model_args.model_name_or_path, dtype=dtype)
+    import deepspeed
+
+    deepspeed.init_distributed()  # partitioning needs the ranks; a no-op where the launcher's setup started them
+    # Each parameter's placeholder must stay on this rank's device: DeepSpeed gathers a parameter onto it.
+    return load_base_model(model_args.model_name_or_path, dtype=dtype, device=training_args.device)
 
 
 def train_adapter(base_model, tokenizer, records: list[dict], model_args: ModelArguments, data_args: DataArguments,
                   adapter_config: AdapterConfig, aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments,
-                  identity: dict, resume: str | None = None, resumed_differences: list[str] = (),
-                  ignored_flags: list[str] = (), callbacks: list | None = None) -> dict:
-    """Attach adapters to ``base_model``, train them on ``records``, save them in --output_dir; returns the summary."""
+                  identity: dict, counts: tuple[int, int], resume: str | None = None,
+                  resumed_differences: list[str] = (), ignored_flags: list[str] = (),
+                  callbacks: list | None = None) -> dict:
+    """Attach adapters to ``base_model``, train them on ``records``, save them in --output_dir; returns the summary.
+
+    ``counts``: (trainable, total) parameters, counted on the meta-device model (ZeRO-3 partitions the real one).
+    """
+    trainable, total = counts
     dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length, adapter_config.task_names)
     set_seed(training_args.seed)  # adapter and router initialisation is part of the run's seeded state
     model = attach_adapters(base_model, adapter_config)
     if model_args.compile_layers:
         compile_decoder_layers(model)
-    trainable, total = count_parameters(model)
-    print(format_parameter_count(trainable, total))
-    print(f"training examples: {len(dataset)} ({dataset.num_truncated} truncated to {data_args.max_seq_length} tokens)")
+    if training_args.should_log:
+        print(format_parameter_count(trainable, total))
+        print(f"training examples: {len(dataset)} "
+              f"({dataset.num_truncated} truncated to {data_args.max_seq_length} tokens)")
 
     trainer = AdapterTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
@@ -188,13 +234,13 @@ def train_adapter(base_model, tokenizer, records: list[dict], model_args: ModelA
     }
     if trainer.args.should_save:  # the summary first: the adapter's files mark the run as finished
         Path(training_args.output_dir, TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        save_adapter(model, adapter_config, training_args.output_dir)
+    trainer.save_model()  # on the main process only, gathered from every rank under DeepSpeed
     return summary
 
 
 def train_task_library(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
                        aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments, records: list[dict],
-                       ignored_flags: list[str] = (), callbacks: list | None = None) -> dict:
+                       counts: tuple[int, int], ignored_flags: list[str] = (), callbacks: list | None = None) -> dict:
     """``--train_per_task``: one adapter per task label into ``<output_dir>/<task>/``, each trained as its own run
     (same flags and seed) on that task's records; the base model is loaded once; finished tasks are skipped."""
     tokenizer = load_tokenizer(model_args.model_name_or_path)
@@ -214,8 +260,8 @@ def train_task_library(model_args: ModelArguments, data_args: DataArguments, ada
                                 config, aux_losses.effective(), task_args, model_args.base_dtype)
         resume, _ = claim_run_folder(task_args, identity)
         summaries[task] = train_adapter(base_model, tokenizer, [r for r in records if r["task_type"] == task],
-                                        model_args, data_args, config, aux_losses, task_args, identity, resume,
-                                        ignored_flags=ignored_flags, callbacks=callbacks)
+                                        model_args, data_args, config, aux_losses, task_args, identity, counts,
+                                        resume, ignored_flags=ignored_flags, callbacks=callbacks)
         detach_adapters(base_model)
     summary = {"tasks": {t: {k: s[k] for k in ("train_examples", "global_step", "train_loss", "train_seconds",
                                                  "trainable_params")} for t, s in summaries.items()},
