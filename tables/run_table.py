@@ -30,6 +30,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="training seeds of every trained row (default: the scale's, 42 43 44: the paper reports "
                              "the mean +- std of 3 seeds)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="run this many jobs at once, each on one GPU (round robin over the visible GPUs; "
+                             "--num_gpus is then 1 per job): a small model leaves a large GPU mostly idle")
     parser.add_argument("--assemble_only", action="store_true",
                         help="train and evaluate nothing: tabulate the runs that have finished (e.g. copied back "
                              "from other machines)")
@@ -44,11 +47,14 @@ def main(argv=None) -> None:
     model = args.model_name_or_path or (table.paper_model if args.scale == "paper" else scale.model_name_or_path)
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds: repeated seeds {args.seeds}")
-    settings = RunSettings(model_name_or_path=model, num_gpus=args.num_gpus, results_dir=Path(args.results_dir),
+    settings = RunSettings(model_name_or_path=model, num_gpus=1 if args.parallel > 1 else args.num_gpus,
+                           results_dir=Path(args.results_dir),
                            bbh_dir=args.bbh_dir, mmlu_dir=args.mmlu_dir, use_cuda=torch.cuda.is_available(),
                            seeds=tuple(args.seeds or scale.seeds))
+    if args.parallel < 1:
+        parser.error(f"--parallel must be >= 1, got {args.parallel}")
     run_table(args.table, args.scale, settings, only_rows=args.rows, with_base=not args.no_base,
-              assemble_only=args.assemble_only)
+              assemble_only=args.assemble_only, parallel=args.parallel)
 
 
 if __name__ == "__main__":

@@ -155,10 +155,10 @@ def test_run_table_trains_every_seed_aggregates_and_resumes(tiny_setup):
     table_md = (tiny_setup.results_dir / "tiny" / "main_ablation.md").read_text()
     assert "+ block + spectral" not in table_md and "44.5 ± 0.3" in table_md and "GPU-minutes" in table_md
 
-    # a second run does nothing: every job's folder and evaluation are found
+    # a second run does nothing: every job's folder and evaluation are found (here two jobs at a time)
     run_dirs = [Path(r["run_dir"]) for r in output["per_seed"]]
     logs = {d: (d / "train.log").read_text() for d in run_dirs if (d / "train.log").is_file()}
-    again = run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline", "mtlora"])
+    again = run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline", "mtlora"], parallel=2)
     assert {d: (d / "train.log").read_text() for d in logs} == logs and again["rows"] == output["rows"]
 
     # an evaluation made on other data is not reused; a killed run's evaluation is redone after retraining
@@ -166,7 +166,7 @@ def test_run_table_trains_every_seed_aggregates_and_resumes(tiny_setup):
     identity = baseline_dir / "eval" / "heldout" / "identity.json"
     identity.write_text(json.dumps({**json.loads(identity.read_text()), "data": "other"}))
     (baseline_dir / "eval" / "heldout" / "summary.json").write_text(json.dumps({"average": {"exact": 9.0}}))
-    third = run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline"], with_base=False)
+    third = run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline"], with_base=False, parallel=2)
     assert all(0 <= v <= 1 for v in third["rows"][0]["heldout"]["values"])
 
     # --assemble_only tabulates what has finished, without training or evaluating

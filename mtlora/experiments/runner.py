@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import subprocess
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from mtlora.checkpoint import is_adapter_checkpoint
@@ -109,7 +112,8 @@ def plan_jobs(table: Table, scale: Scale, tracks: list[Track], settings: RunSett
 
 # ------------------------------------------------------------------------------------------- execution
 
-def run_step(command: list[str], log_path: Path, progress_dir: Path, bar: tqdm, phase: str) -> float:
+def run_step(command: list[str], log_path: Path, progress_dir: Path, bar: tqdm, phase: str,
+             env: dict | None = None) -> float:
     """Run a step, streaming its output to a log file and its progress to the console; returns its seconds."""
     progress_file = progress_dir / PROGRESS_FILE
     progress_file.unlink(missing_ok=True)
@@ -117,7 +121,7 @@ def run_step(command: list[str], log_path: Path, progress_dir: Path, bar: tqdm, 
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         while process.poll() is None:
             time.sleep(2)
             bar.set_postfix_str(f"{phase} {_progress_text(progress_file, started)}", refresh=True)
@@ -139,12 +143,14 @@ def _progress_text(progress_file: Path, started: float) -> str:
     return text + (f", ETA {eta / 60:.1f}m" if eta is not None else "")
 
 
-def execute(job: Job, bar: tqdm) -> None:
-    """Train (or merge / compose) one job unless finished, then evaluate its pending suites."""
+def execute(job: Job, bar: tqdm, gpu: int | None = None) -> None:
+    """Train (or merge / compose) one job unless finished, then evaluate its pending suites (on ``gpu``, when
+    given: the job's processes see that one GPU)."""
+    env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
     with locked(job.run_dir):
         write_json(job.run_dir / "identity.json", job.identity)
         timings = _read_json(job.run_dir / "timings.json") or {}
-        checkpoint, model = _produce(job, bar, timings)
+        checkpoint, model = _produce(job, bar, timings, env)
         if job.kind == "library":
             write_json(job.run_dir / "timings.json", timings)
             return
@@ -152,11 +158,11 @@ def execute(job: Job, bar: tqdm) -> None:
         if pending_suites(job.run_dir, identities):
             command = job.evaluation_command(checkpoint, model)
             timings["eval"] = timings.get("eval", 0.0) + run_step(command, job.run_dir / "eval.log", job.run_dir,
-                                                                 bar, f"{job.row.key} s{job.seed}: evaluating")
+                                                                 bar, f"{job.row.key} s{job.seed}: evaluating", env)
         write_json(job.run_dir / "timings.json", timings)
 
 
-def _produce(job: Job, bar: tqdm, timings: dict) -> tuple[Path | None, str | None]:
+def _produce(job: Job, bar: tqdm, timings: dict, env: dict | None) -> tuple[Path | None, str | None]:
     """Make the job's adapter or model if it is not there yet; returns (adapter folder, model) to evaluate."""
     phase = f"{job.row.key} s{job.seed}"
     model = job.settings.model_name_or_path
@@ -184,13 +190,13 @@ def _produce(job: Job, bar: tqdm, timings: dict) -> tuple[Path | None, str | Non
             command = [job.launcher()[0], str(REPO_ROOT / "merge_loras.py"), "--lora_checkpoints",
                        str(job.depends_on.run_dir), "--output_dir", str(merged),
                        *as_cli({**job.row.flags, **seed, **job.model_flags()})]
-            timings["produce"] = run_step(command, run_dir / "merge.log", run_dir, bar, f"{phase}: merging")
+            timings["produce"] = run_step(command, run_dir / "merge.log", run_dir, bar, f"{phase}: merging", env)
         return None, str(merged)
     if command is not None:
         if job.kind != "library":
             shutil.rmtree(run_dir / "eval", ignore_errors=True)  # scores of an earlier adapter are stale
         timings["produce"] = timings.get("produce", 0.0) + run_step(command, run_dir / "train.log", run_dir, bar,
-                                                                   f"{phase}: training")
+                                                                   f"{phase}: training", env)
     return run_dir, model
 
 
@@ -219,8 +225,33 @@ def check_inputs(settings: RunSettings, tracks: list[Track]) -> int:
 
 # ---------------------------------------------------------------------------------------------- tables
 
+def run_jobs(jobs: list[Job], bar: tqdm, parallel: int) -> None:
+    """Execute ``jobs``, up to ``parallel`` at once (each on one GPU, round robin), a job after its dependency."""
+    if parallel <= 1:
+        for job in jobs:
+            bar.set_postfix_str(f"{job.row.key} s{job.seed} on {job.track.name}", refresh=True)
+            execute(job, bar)
+            bar.update()
+        return
+    gpus = torch.cuda.device_count()
+    pending, running, finished = list(jobs), {}, set()  # running: future -> (slot, job)
+    with ThreadPoolExecutor(parallel) as pool:
+        while pending or running:
+            free = sorted(set(range(parallel)) - {slot for slot, _ in running.values()})
+            for job in [j for j in pending if j.depends_on is None or id(j.depends_on) in finished][:len(free)]:
+                slot = free.pop(0)
+                running[pool.submit(execute, job, bar, slot % gpus if gpus else None)] = (slot, job)
+                pending.remove(job)
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in done:
+                _, job = running.pop(future)
+                future.result()  # a failed job stops the table (the running ones finish first)
+                finished.add(id(job))
+                bar.update()
+
+
 def run_table(table_name: str, scale_name: str, settings: RunSettings, only_rows: list[str] | None = None,
-              with_base: bool = True, assemble_only: bool = False) -> dict:
+              with_base: bool = True, assemble_only: bool = False, parallel: int = 1) -> dict:
     """Train, evaluate and tabulate; returns the results (also written as JSON and Markdown)."""
     table, scale = TABLES[table_name], SCALES[scale_name]
     if scale_name not in table.scales:
@@ -231,11 +262,9 @@ def run_table(table_name: str, scale_name: str, settings: RunSettings, only_rows
     rows = [r for r in table.rows if not only_rows or r.key in only_rows]
     jobs = plan_jobs(table, scale, tracks, settings, rows, with_base)
     started = time.time()
-    with tqdm(jobs, desc=f"{table_name} ({scale_name})", unit="job") as bar:
-        for job in bar:
-            bar.set_postfix_str(f"{job.row.key} s{job.seed} on {job.track.name}", refresh=True)
-            if not assemble_only:
-                execute(job, bar)
+    if not assemble_only:
+        with tqdm(total=len(jobs), desc=f"{table_name} ({scale_name})", unit="job") as bar:
+            run_jobs(jobs, bar, parallel)
     output = results.tabulate(table, scale, settings, [j for j in jobs if j.kind != "library"],
                               [j for j in jobs if j.kind == "library"])
     output["wall_minutes_this_invocation"] = (time.time() - started) / 60
