@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mtlora.experiments import registry
 from mtlora.experiments.jobs import Job, RunSettings, as_cli
@@ -188,3 +189,17 @@ def test_missing_paper_model_is_reported_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="--model_name_or_path .*Llama-2-7b-hf: cannot load the model config"):
         run_table("main_ablation", "paper", settings)
     assert not (tmp_path / "r").exists()
+
+
+def test_the_lm_eval_suite_is_read_as_the_cloze_metric(tiny_model_dir, tmp_path):
+    from mtlora.experiments.evaluate import evaluate_run
+    from mtlora.experiments.results import METRICS
+    from tests.helpers import write_mmlu_folder
+
+    mmlu = write_mmlu_folder(tmp_path / "mmlu", subjects=("anatomy", "astronomy"), num_test=2)
+    evaluate_run(tmp_path / "run", ["lm_eval"], str(tiny_model_dir), None, {"lm_eval": str(mmlu)}, {}, 4, "cpu",
+                 torch.float32)
+    cloze = {m.name: m for m in METRICS}["mmlu_cloze"]
+    average, (scores, groups) = cloze.average(tmp_path / "run"), cloze.item_scores(tmp_path / "run")
+    assert len(scores) == 4 and sorted(set(groups)) == ["mmlu_anatomy_continuation", "mmlu_astronomy_continuation"]
+    assert average == pytest.approx(scores.mean())

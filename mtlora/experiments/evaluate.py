@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mtlora.evaluation.bbh import run_bbh
+from mtlora.evaluation.harness import run_harness
 from mtlora.evaluation.heldout import evaluate_heldout
 from mtlora.evaluation.mmlu import run_mmlu
 from mtlora.evaluation.reporting import write_json
@@ -25,7 +26,8 @@ from mtlora.loading import load_model_for_eval
 from mtlora.trainer import write_progress
 from mtlora.training_data import read_instruction_records
 
-SUITES = ("heldout", "bbh", "mmlu")
+SUITES = ("heldout", "bbh", "mmlu", "lm_eval")
+LM_EVAL_TASKS = ("mmlu_continuation",)  # the lm_eval suite: lm-evaluation-harness's cloze MMLU, run by lm-eval itself
 # Held-out prompts are cut (from the left) to this many tokens: training saw at most 512 per sequence,
 # and a few BIG-bench inputs run to thousands of tokens, which would dominate memory and time.
 HELDOUT_MAX_LENGTH = 1024
@@ -84,9 +86,12 @@ def evaluate_run(run_dir: str | Path, suites: list[str], model_name_or_path: str
         elif suite == "bbh":
             run_bbh(model, tokenizer, data["bbh"], limit=limits.get("bbh"), batch_size=batch_size,
                     output_dir=out, metadata=metadata)
-        else:
+        elif suite == "mmlu":
             run_mmlu(model, tokenizer, data["mmlu"], limit=limits.get("mmlu"), batch_size=batch_size,
                      output_dir=out, metadata=metadata)
+        else:
+            run_harness(model, tokenizer, LM_EVAL_TASKS, mmlu_dir=data["lm_eval"], limit=limits.get("lm_eval"),
+                        batch_size=batch_size, output_dir=out, metadata=metadata)
         write_json(out / "identity.json", identities[suite])
 
 
@@ -114,10 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(suites) - set(SUITES)
     if unknown:
         parser.error(f"--suites: unknown {sorted(unknown)}; expected some of {', '.join(SUITES)}")
-    data = {"heldout": args.heldout_data, "bbh": args.bbh_dir, "mmlu": args.mmlu_dir}
+    data = {"heldout": args.heldout_data, "bbh": args.bbh_dir, "mmlu": args.mmlu_dir, "lm_eval": args.mmlu_dir}
     for suite in suites:
         if not data[suite] or not Path(data[suite]).exists():
-            parser.error(f"--{'heldout_data' if suite == 'heldout' else suite + '_dir'}: needed for suite {suite}, got {data[suite]!r}")
+            flag = {"heldout": "heldout_data", "lm_eval": "mmlu_dir"}.get(suite, f"{suite}_dir")
+            parser.error(f"--{flag}: needed for suite {suite}, got {data[suite]!r}")
     evaluate_run(args.run_dir, suites, args.model_name_or_path, args.lora_checkpoint, data,
                  {s: getattr(args, f"{s}_limit") for s in SUITES}, args.batch_size, args.device,
                  getattr(torch, args.dtype), args.uniform_routing)

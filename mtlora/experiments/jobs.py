@@ -93,7 +93,8 @@ class Job:
 
     def eval_identity(self, suite: str) -> dict:
         """What a suite's scores depend on besides the adapter (the evaluator writes the same next to them)."""
-        data = {"heldout": self.track.heldout_data, "bbh": self.settings.bbh_dir, "mmlu": self.settings.mmlu_dir}
+        data = {"heldout": self.track.heldout_data, "bbh": self.settings.bbh_dir, "mmlu": self.settings.mmlu_dir,
+                "lm_eval": self.settings.mmlu_dir}
         return eval_identity(suite, data[suite], self.scale.eval_limits.get(suite), self.kind == "uniform")
 
     # -------------------------------------------------------------------------------------- commands

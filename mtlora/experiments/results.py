@@ -17,7 +17,7 @@ from mtlora.evaluation.reporting import markdown_table
 from mtlora.experiments.evaluate import suite_dir
 from mtlora.experiments.jobs import Job, RunSettings
 from mtlora.experiments.registry import Scale, Table
-from mtlora.experiments.statistics import format_mean_std, mean_std, paired_bootstrap
+from mtlora.experiments.statistics import format_mean_std, grouped_mean, mean_std, paired_bootstrap
 
 BASELINE_KEY = "baseline"
 
@@ -30,24 +30,29 @@ class Metric:
     label: str
     suite: str
     summary_path: tuple[str, ...]  # keys into summary.json
-    items_file: str  # per-item file(s) under eval/<suite>/ ("*.json" in a folder: one file per task)
+    items_file: str | None  # per-item file(s) under eval/<suite>/ ("folder/": one file per task); None: no items
     item_field: str
     grouped: bool  # the average is over tasks/subjects (macro) rather than over items
+    items_key: str = "predictions"  # where a per-item file lists its items
 
     def average(self, run_dir: Path) -> float | None:
+        """The suite's own average; else (e.g. lm-eval gives no group average for a subset) the items' mean."""
         summary = _read(suite_dir(run_dir, self.suite) / "summary.json")
         for key in self.summary_path:
-            if summary is None:
-                return None
-            summary = summary.get(key)
-        return summary
+            summary = summary.get(key) if isinstance(summary, dict) else None
+        if summary is not None:
+            return summary
+        items = self.item_scores(run_dir)
+        return None if items is None else float(grouped_mean(items[0], items[1] if self.grouped else None))
 
     def item_scores(self, run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
         """(scores, group label per item), in a fixed item order."""
         folder = suite_dir(run_dir, self.suite)
+        if self.items_file is None:
+            return None
         if self.items_file.endswith("/"):  # one file per task / subject
             files = sorted((folder / self.items_file).glob("*.json"))
-            pairs = [(path.stem, p[self.item_field]) for path in files for p in _read(path)["predictions"]]
+            pairs = [(path.stem, p[self.item_field]) for path in files for p in _read(path)[self.items_key]]
         else:
             data = _read(folder / self.items_file)
             if data is None:
@@ -66,6 +71,10 @@ METRICS = (
            False),
     Metric("mmlu_loglik", "MMLU letter log-likelihood", "mmlu", ("scorers", "loglik", "micro"), "subjects/",
            "loglik_correct", False),
+    Metric("mmlu_cloze", "MMLU cloze (lm-eval mmlu_continuation acc)", "lm_eval",
+           ("groups", "mmlu_continuation", "acc,none"), "samples/", "acc", False, items_key="samples"),
+    *(Metric(f"bbh_{group.lower()}", f"BBH {group} (Table 6)", "bbh", ("difficulty", "lenient", group), None, "", False)
+      for group in ("Easy", "Medium", "Hard")),
 )
 
 
