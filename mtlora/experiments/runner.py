@@ -250,27 +250,39 @@ def run_jobs(jobs: list[Job], bar: tqdm, parallel: int) -> None:
                 bar.update()
 
 
-def run_table(table_name: str, scale_name: str, settings: RunSettings, only_rows: list[str] | None = None,
-              with_base: bool = True, assemble_only: bool = False, parallel: int = 1) -> dict:
-    """Train, evaluate and tabulate; returns the results (also written as JSON and Markdown)."""
-    table, scale = TABLES[table_name], SCALES[scale_name]
-    if scale_name not in table.scales:
-        raise SystemExit(f"error: table {table_name} has no {scale_name} scale (available: {', '.join(table.scales)})")
-    tracks = [t for t in scale.tracks if table.tracks is None or t.name in table.tracks]
-    check_inputs(settings, tracks)
-    tracks = table_tracks(table, scale, settings)
-    rows = [r for r in table.rows if not only_rows or r.key in only_rows]
-    jobs = plan_jobs(table, scale, tracks, settings, rows, with_base)
+def run_tables(table_names: list[str], scale_name: str, settings: RunSettings, only_rows: list[str] | None = None,
+               with_base: bool = True, assemble_only: bool = False, parallel: int = 1) -> dict[str, dict]:
+    """Train, evaluate and tabulate several tables with one pool of jobs (a job shared by two tables runs
+    once); returns each table's results (also written as JSON and Markdown)."""
+    scale = SCALES[scale_name]
+    plans = {}
+    for name in table_names:
+        table = TABLES[name]
+        if scale_name not in table.scales:
+            raise SystemExit(f"error: table {name} has no {scale_name} scale (available: {', '.join(table.scales)})")
+        check_inputs(settings, [t for t in scale.tracks if table.tracks is None or t.name in table.tracks])
+        rows = [r for r in table.rows if not only_rows or r.key in only_rows]
+        plans[name] = plan_jobs(table, scale, table_tracks(table, scale, settings), settings, rows, with_base)
+    jobs = list({job.run_dir: job for plan in plans.values() for job in plan}.values())  # one per run folder
     started = time.time()
     if not assemble_only:
-        with tqdm(total=len(jobs), desc=f"{table_name} ({scale_name})", unit="job") as bar:
+        with tqdm(total=len(jobs), desc=f"{' + '.join(table_names)} ({scale_name})", unit="job") as bar:
             run_jobs(jobs, bar, parallel)
-    output = results.tabulate(table, scale, settings, [j for j in jobs if j.kind != "library"],
-                              [j for j in jobs if j.kind == "library"])
-    output["wall_minutes_this_invocation"] = (time.time() - started) / 60
-    out_dir = settings.results_dir / scale_name
-    write_json(out_dir / f"{table_name}.json", output)
-    markdown = results.render(table, scale, output)
-    (out_dir / f"{table_name}.md").write_text(markdown + "\n")
-    print(markdown)
-    return output
+    outputs = {}
+    for name, plan in plans.items():
+        table = TABLES[name]
+        output = results.tabulate(table, scale, settings, [j for j in plan if j.kind != "library"],
+                                  [j for j in plan if j.kind == "library"])
+        output["wall_minutes_this_invocation"] = (time.time() - started) / 60
+        out_dir = settings.results_dir / scale_name
+        write_json(out_dir / f"{name}.json", output)
+        markdown = results.render(table, scale, output)
+        (out_dir / f"{name}.md").write_text(markdown + "\n")
+        print(markdown)
+        outputs[name] = output
+    return outputs
+
+
+def run_table(table_name: str, scale_name: str, settings: RunSettings, **options) -> dict:
+    """:func:`run_tables` for one table."""
+    return run_tables([table_name], scale_name, settings, **options)[table_name]
