@@ -39,8 +39,8 @@ QUANTILES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 BIGBENCH_POOL = {"source": "data/processed/bigbench/train.jsonl (64 BIG-bench tasks, 13,646 records), SmolLM2 "
                            "tokenizer; a stand-in for Flan-v2 / Dolly",
                  "quantiles": QUANTILES,
-                 "prompt": (6, 17, 25, 54, 118, 253, 521, 844, 2452, 104367),
-                 "response": (2, 2, 2, 2, 4, 11, 25, 41, 91, 846)}
+                 "prompt": (6, 17, 25, 54, 118, 253, 521, 844, 2453, 104367),
+                 "response": (2, 2, 2, 2, 4, 11, 25, 41, 92, 846)}
 MIN_TOKENS = {"prompt": 3, "response": 2}  # <bos> word <eos>; word <eos>
 LLAMA2_VOCABULARY = 32_000
 

@@ -15,8 +15,9 @@ planned from the model's shape, in bytes:
 
 with d the hidden size, f the MLP width and V the vocabulary. 11 d + 4 f is what a LLaMA layer keeps for its
 backward (attention: normed input, q, k, v, output and its projection; MLP: normed input, gate, up, activation,
-product). On the H100 measurements of benchmarks/RESULTS.md (LLaMA-2-7B, b = 16, L = 512) the formula is about
-25% above the measured peak, with and without checkpointing: conservative. A plan fits a card of M GiB when
+product). Against the H100 measurements of benchmarks/RESULTS.md (LLaMA-2-7B mtLoRA, b = 16, L = 512: 5,176 MiB of
+activations with checkpointing, 12,802 MiB without on 8 layers) the activation term is 27% and 18% high:
+conservative. A plan fits a card of M GiB when
 ``peak x FRAGMENTATION + CONTEXT_GIB <= M`` (the allocator's reserve over what it hands out; the CUDA context and
 library workspaces, which max_memory_allocated does not count).
 
