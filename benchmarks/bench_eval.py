@@ -48,6 +48,7 @@ from mtlora.evaluation.batching import eos_token_ids, next_token_scores, pad_tok
 from mtlora.evaluation.bbh import NUM_EXEMPLARS, build_bbh_prompt, load_bbh, run_bbh, score_bbh_task
 from mtlora.evaluation.mmlu import (fit_prompt, format_header, letter_token_ids, load_mmlu, run_mmlu, score_subject)
 from mtlora.evaluation.prefix import left_pad
+from mtlora.loading import ModuloTokenizer
 from mtlora.evaluation.reporting import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,27 +58,6 @@ BENCHMARKS = ("bbh", "mmlu")
 TARGETS = {("smollm2", "bbh"): 150, ("smollm2", "mmlu"): 1500, ("llama7b", "bbh"): 25}
 FORMER_PROTOCOL = {"bbh": {"truncation": "fit"}, "mmlu": {"truncation": "fit", "scorer": "strict"}}
 DECISIONS = {"bbh": ("lenient", "extracted_match"), "mmlu": ("generate_correct", "loglik_correct")}
-
-
-class ModuloTokenizer:
-    """A tokenizer's ids taken modulo ``vocab`` (prompts of realistic length for a random model with a smaller
-    vocabulary); decoding maps nothing back, the texts are only compared with each other."""
-
-    def __init__(self, tokenizer, vocab: int):
-        self.inner, self.vocab = tokenizer, vocab
-        self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id % vocab, tokenizer.eos_token_id % vocab
-        self.bos_token_id = None if tokenizer.bos_token_id is None else tokenizer.bos_token_id % vocab
-
-    def __call__(self, texts, add_special_tokens: bool = True):
-        encoded = self.inner(texts, add_special_tokens=add_special_tokens).input_ids
-        wrap = lambda ids: [i % self.vocab for i in ids]  # noqa: E731
-        return type("Encoding", (), {"input_ids": wrap(encoded) if isinstance(texts, str) else [wrap(x) for x in encoded]})
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.inner.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    def convert_ids_to_tokens(self, index: int) -> str:
-        return self.inner.convert_ids_to_tokens(index)
 
 
 # ------------------------------------------------------------------------------------------------ models

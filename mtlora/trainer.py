@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -213,3 +214,41 @@ class ProgressFile(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             write_progress(self.output_dir, "step", state.global_step, state.max_steps)
+
+
+class StepTimes(TrainerCallback):
+    """Wall seconds of every optimisation step (measured once the device has finished it), the input tokens of
+    each (padding included; counted when --include_num_input_tokens_seen is on) and the run's peak GPU memory:
+    what s/step, tokens/s and memory plans are read from (train_summary.json)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self.tokens: list[int] = []
+        self.peak_gib: float | None = None
+        self._started, self._tokens_before = 0.0, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _synchronize()
+        self._started, self._tokens_before = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _synchronize()
+        self.seconds.append(time.perf_counter() - self._started)
+        self.tokens.append(int(state.num_input_tokens_seen - self._tokens_before))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+
+    def summary(self) -> dict:
+        return {"step_seconds": self.seconds, "step_tokens": self.tokens if any(self.tokens) else None,
+                "peak_gpu_memory_gib": self.peak_gib}
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

@@ -19,12 +19,13 @@ from mtlora.config import AdapterConfig, warn_ignored
 from mtlora.errors import InvalidInput, MissingInput
 from mtlora.injection import attach_adapters, detach_adapters, find_decoder_layers
 from mtlora.library import resolve_lora_checkpoints
-from mtlora.loading import build_meta_model, is_config_only, load_base_model, load_tokenizer, resolve_model_source
+from mtlora.loading import (RANDOM_INIT_SEED, build_meta_model, has_tokenizer, is_config_only, load_base_model,
+                            load_tokenizer, resolve_model_source, resolve_tokenizer_source)
 from mtlora.losses import AuxiliaryLosses
 from mtlora.params import count_parameters, format_parameter_count
 from mtlora.run_folder import (TRAIN_SUMMARY, check_resume_checkpoint, claim_output_dir, last_valid_checkpoint,
                                resumes_last, run_identity)
-from mtlora.trainer import AdapterTrainer, ProgressFile, write_progress
+from mtlora.trainer import AdapterTrainer, ProgressFile, StepTimes, write_progress
 from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records, task_labels
 
 
@@ -141,8 +142,12 @@ def claim_run_folder(training_args: AdapterTrainingArguments, identity: dict) ->
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
                  aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments,
-                 callbacks: list | None = None) -> dict:
-    """Train adapters and save them in --output_dir; returns the run summary (also written as JSON)."""
+                 callbacks: list | None = None, base_model=None) -> dict:
+    """Train adapters and save them in --output_dir; returns the run summary (also written as JSON).
+
+    ``base_model``: the base model --model_name_or_path names, already loaded (a benchmark training several
+    configurations on one model); the adapters are attached to it and left attached.
+    """
     adapter_config.validate()
     aux_losses.validate(adapter_config)
     check_training_arguments(training_args)
@@ -165,26 +170,63 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, adapter_c
     # Every check that needs the model's shapes (target names, group sizes), on the architecture alone;
     # counted here too, since ZeRO-3 partitions the loaded weights.
     counts = count_parameters(attach_adapters(build_meta_model(model_args.model_name_or_path), adapter_config))
-    folder, gguf_file = resolve_model_source(model_args.model_name_or_path)
-    if gguf_file is None and is_config_only(folder):
-        raise InvalidInput(f"--model_name_or_path {folder}: holds only config.json; training needs the weights "
-                           "(a config-only folder serves --count_params_only)")
+    check_model_source(model_args)
     if data_args.train_per_task:
         return train_task_library(model_args, data_args, adapter_config, aux_losses, training_args, records,
                                   counts, ignored_flags, callbacks)
-    identity = run_identity(model_args.model_name_or_path, data_args.data_path, data_args.max_seq_length,
-                            adapter_config, aux_losses.effective(), training_args, model_args.base_dtype)
+    identity = training_run_identity(model_args, data_args, adapter_config, aux_losses, training_args)
     resume, resumed_differences = claim_run_folder(training_args, identity)
-    return train_adapter(load_model(model_args, training_args), load_tokenizer(model_args.model_name_or_path),
+    base_model = load_model(model_args, training_args) if base_model is None else base_model
+    return train_adapter(base_model, load_run_tokenizer(model_args),
                          records, model_args, data_args, adapter_config, aux_losses, training_args, identity, counts,
                          resume, resumed_differences, ignored_flags, callbacks)
 
 
+def check_model_source(model_args: ModelArguments) -> None:
+    """Training needs weights, or --random_init; and a tokenizer: the model's, or --tokenizer_name_or_path's."""
+    folder, gguf_file = resolve_model_source(model_args.model_name_or_path)
+    config_only = gguf_file is None and is_config_only(folder)
+    if config_only and not model_args.random_init:
+        raise InvalidInput(f"--model_name_or_path {folder}: holds only config.json; training needs the weights "
+                           "(a config-only folder serves --count_params_only, and a dry run with --random_init)")
+    if model_args.tokenizer_name_or_path is None and config_only and not has_tokenizer(folder):
+        raise InvalidInput(f"--random_init with the config-only folder {folder} needs --tokenizer_name_or_path "
+                           "(any LLaMA-family tokenizer, e.g. configs/models/smollm2-135m)")
+    tokenizer, flag = tokenizer_source(model_args)
+    resolve_tokenizer_source(tokenizer, flag)
+
+
+def tokenizer_source(model_args: ModelArguments) -> tuple[str | None, str]:
+    """(where the run's tokenizer comes from, the flag that says so)."""
+    if model_args.tokenizer_name_or_path is not None:
+        return model_args.tokenizer_name_or_path, "--tokenizer_name_or_path"
+    return model_args.model_name_or_path, "--model_name_or_path"
+
+
+def training_run_identity(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
+                          aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments) -> dict:
+    """The run's identity (mtlora.run_folder.run_identity); a --random_init run's model is marked as such, so a dry
+    run's folder never passes for (or resumes) a real one."""
+    identity = run_identity(model_args.model_name_or_path, data_args.data_path, data_args.max_seq_length,
+                            adapter_config, aux_losses.effective(), training_args, model_args.base_dtype)
+    if model_args.random_init:
+        identity["model"] = {**identity["model"], "random_init_seed": RANDOM_INIT_SEED,
+                             "tokenizer": model_args.tokenizer_name_or_path}
+    return identity
+
+
+def load_run_tokenizer(model_args: ModelArguments):
+    return load_tokenizer(*tokenizer_source(model_args))
+
+
 def load_model(model_args: ModelArguments, training_args: AdapterTrainingArguments):
     """The frozen base model in the dtype of --base_dtype (auto: bfloat16 with --bf16, else float32); under ZeRO-3
-    partitioned across the ranks as it loads."""
+    partitioned across the ranks as it loads. With --random_init, random weights built on the training device."""
     auto = torch.bfloat16 if training_args.bf16 else torch.float32
     dtype = {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16}[model_args.base_dtype]
+    if model_args.random_init:
+        return load_base_model(model_args.model_name_or_path, dtype=dtype, device=training_args.device,
+                               random_init=True)
     if deepspeed_zero_stage(training_args) != 3:
         return load_base_model(model_args.model_name_or_path, dtype=dtype)
     import deepspeed
@@ -205,6 +247,7 @@ def train_adapter(base_model, tokenizer, records: list[dict], model_args: ModelA
     """
     trainable, total = counts
     dataset = InstructionDataset(records, tokenizer, data_args.max_seq_length, adapter_config.task_names)
+    check_vocabulary(dataset, base_model.config.vocab_size, model_args)
     set_seed(training_args.seed)  # adapter and router initialisation is part of the run's seeded state
     model = attach_adapters(base_model, adapter_config)
     if model_args.compile_layers:
@@ -214,10 +257,11 @@ def train_adapter(base_model, tokenizer, records: list[dict], model_args: ModelA
         print(f"training examples: {len(dataset)} "
               f"({dataset.num_truncated} truncated to {data_args.max_seq_length} tokens)")
 
+    step_times = StepTimes()
     trainer = AdapterTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
-        callbacks=[ProgressFile(training_args.output_dir), *(callbacks or [])],
+        callbacks=[ProgressFile(training_args.output_dir), step_times, *(callbacks or [])],
         adapter_config=adapter_config, aux_losses=aux_losses, run_identity=identity,
     )
     started = time.perf_counter()
@@ -229,7 +273,7 @@ def train_adapter(base_model, tokenizer, records: list[dict], model_args: ModelA
         "truncated_examples": dataset.num_truncated, "resumed_from": resume,
         "resumed_from_differences": list(resumed_differences),
         "global_step": result.global_step, "train_loss": result.training_loss,
-        "train_seconds": time.perf_counter() - started, "metrics": result.metrics,
+        "train_seconds": time.perf_counter() - started, "metrics": result.metrics, **step_times.summary(),
         "log_history": trainer.state.log_history,
     }
     if trainer.args.should_save:  # the summary first: the adapter's files mark the run as finished
@@ -238,12 +282,22 @@ def train_adapter(base_model, tokenizer, records: list[dict], model_args: ModelA
     return summary
 
 
+def check_vocabulary(dataset: InstructionDataset, vocab_size: int, model_args: ModelArguments) -> None:
+    """Every token id must index the model's embedding (a tokenizer from --tokenizer_name_or_path may be larger)."""
+    largest = max(max(example["input_ids"]) for example in dataset.examples)
+    if largest >= vocab_size:
+        source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+        raise InvalidInput(f"the training data has token id {largest}, outside the model's vocabulary of {vocab_size}: "
+                           f"the tokenizer ({source}) does not fit --model_name_or_path {model_args.model_name_or_path}"
+                           " (a dry run's synthetic data keeps to ids below the vocabulary: data/prepare.py synthetic)")
+
+
 def train_task_library(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
                        aux_losses: AuxiliaryLosses, training_args: AdapterTrainingArguments, records: list[dict],
                        counts: tuple[int, int], ignored_flags: list[str] = (), callbacks: list | None = None) -> dict:
     """``--train_per_task``: one adapter per task label into ``<output_dir>/<task>/``, each trained as its own run
     (same flags and seed) on that task's records; the base model is loaded once; finished tasks are skipped."""
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    tokenizer = load_run_tokenizer(model_args)
     base_model = load_model(model_args, training_args)
     summaries = {}
     for index, task in enumerate(adapter_config.task_names):
@@ -256,8 +310,7 @@ def train_task_library(model_args: ModelArguments, data_args: DataArguments, ada
         task_args.output_dir = str(output_dir)
         config = dataclasses.replace(adapter_config)
         config.task_names = [task]
-        identity = run_identity(model_args.model_name_or_path, data_args.data_path, data_args.max_seq_length,
-                                config, aux_losses.effective(), task_args, model_args.base_dtype)
+        identity = training_run_identity(model_args, data_args, config, aux_losses, task_args)
         resume, _ = claim_run_folder(task_args, identity)
         summaries[task] = train_adapter(base_model, tokenizer, [r for r in records if r["task_type"] == task],
                                         model_args, data_args, config, aux_losses, task_args, identity, counts,

