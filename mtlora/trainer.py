@@ -90,6 +90,18 @@ class AdapterTrainer(Trainer):
             loss = loss + scale * self._auxiliary_loss(model)
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        try:  # the task ids stay set through the backward pass (gradient checkpointing recomputes with them)
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:  # and never outlive their batch: a later forward (evaluation, generation) gets none
+            set_task_ids(model, None)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            set_task_ids(model, None)
+
     def _auxiliary_loss(self, model) -> torch.Tensor | float:
         total = 0.0
         if self.aux_losses.enable_blc:

@@ -164,3 +164,19 @@ def test_train_per_task_writes_a_library_the_merges_read(tiny_model_dir, multita
     again = run_training(model_args, data_args, AdapterConfig(method="lora", lora_rank=4), losses, training)
     assert again["tasks"] == summary["tasks"]  # finished tasks are skipped
     assert (tmp_path / "library" / "first" / "adapter_model.safetensors").read_bytes() == weights
+
+
+def test_task_ids_do_not_outlive_their_batch(tiny_model_dir, multitask_records, tmp_path):
+    """MMoELoRA's task gates read the task ids of the batch being trained; a later forward in the same
+    process (evaluation after training) must not reuse the last training batch's ids."""
+    from mtlora.adapters import TaskGatedLoRA
+    from mtlora.loading import load_base_model
+
+    model = load_base_model(str(tiny_model_dir))
+    args = training_arguments(tiny_model_dir, multitask_records, tmp_path / "run", adapter=adapter_config("mmoelora"),
+                              losses=AuxiliaryLosses(), max_steps=2, gradient_checkpointing=True)
+    run_training(*args, base_model=model)
+    gates = [m for m in model.modules() if isinstance(m, TaskGatedLoRA)]
+    assert gates and all(m.task_ids is None for m in gates)
+    with torch.no_grad():  # a batch of another size runs (stale ids of the training batch would not broadcast)
+        model(input_ids=torch.ones(3, 5, dtype=torch.long))
