@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_adapters import TINY_MODEL, build_model  # noqa: E402
 from mtlora.checkpoint import load_adapter  # noqa: E402
+from mtlora.config import AdapterConfig  # noqa: E402
 from mtlora.loading import build_meta_model  # noqa: E402
 from mtlora.training import run_training  # noqa: E402
 from mtlora.training_data import tokenize_record  # noqa: E402
@@ -197,8 +198,10 @@ def train_argv(run: Run, model_dir: Path, data: Path, output_dir: Path, quick: b
     argv = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(output_dir),
             "--max_steps", str(run.steps), "--per_device_train_batch_size", str(run.global_batch // run.world_size),
             "--max_seq_length", str(run.seq_len), "--learning_rate", "1e-3", "--lora_rank", str(rank),
-            "--lora_alpha", str(4 * rank), "--lora_nums", str(experts), "--lora_dropout", "0", "--enable_blc",
+            "--lora_alpha", str(4 * rank), "--lora_nums", str(experts), "--lora_dropout", "0",
             "--logging_steps", "1", "--save_strategy", "no", "--seed", "42"] + METHOD_FLAGS[run.method]
+    if AdapterConfig(method=run.method, lora_nums=experts).has_token_router:  # the balance loss needs a router
+        argv += ["--enable_blc"]
     if run.method == "mtlora":
         argv += ["--routing_group_size", str(hidden // 2)]
     argv += ["--use_cpu"] if quick else ["--bf16"]
