@@ -5,7 +5,7 @@
 Every per-item file under ``runs/*/eval/`` (the ``predictions`` / ``samples`` lists) keeps each item's scores and
 short labels (numbers, booleans, strings up to 32 characters) and drops the long texts (prompts, generations,
 lm-eval's documents); that is all the tables and their paired intervals read. Adapter weights, checkpoints,
-tokenizer files, locks and progress files are left out. Unpack into a results folder and run
+tokenizer files, lm-eval's task configs, locks and progress files are left out. Unpack into a results folder and run
 ``tables/run_table.py --assemble_only`` to tabulate.
 """
 
@@ -20,17 +20,19 @@ from pathlib import Path
 ITEM_LISTS = ("predictions", "samples")
 LEFT_OUT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".lock", ".jinja")
 LEFT_OUT_NAMES = {"progress.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+LEFT_OUT_FOLDERS = {"lm_eval_tasks"}  # lm-eval's task configs as the harness wrapper wrote them for the run
+GROUP_KEYS = {"task_type"}  # the label that groups items into tasks (mtlora.experiments.results): kept whatever its length
 
 
 def compact_item(item: dict) -> dict:
     return {key: value for key, value in item.items()
-            if isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 32)}
+            if key in GROUP_KEYS or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 32)}
 
 
 def packed_bytes(path: Path, relative: Path) -> bytes | None:
     """The file's content as packed (None: left out); ``relative``: its path inside the results folder."""
     if path.suffix in LEFT_OUT_SUFFIXES or path.name in LEFT_OUT_NAMES or any(
-            part.startswith("checkpoint-") for part in relative.parts):
+            part.startswith("checkpoint-") or part in LEFT_OUT_FOLDERS for part in relative.parts):
         return None
     if path.suffix == ".json" and "eval" in relative.parts:
         data = json.loads(path.read_text(encoding="utf-8"))

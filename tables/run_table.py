@@ -40,6 +40,9 @@ def main(argv=None) -> None:
     parser.add_argument("--assemble_only", action="store_true",
                         help="train and evaluate nothing: tabulate the runs that have finished (e.g. copied back "
                              "from other machines)")
+    parser.add_argument("--as_on_gpu", action="store_true",
+                        help="plan the jobs as on a GPU machine (bf16, the micro-batch for --gpu_memory_gb) on one without "
+                             "a GPU: with --assemble_only, tabulates runs made on GPUs elsewhere")
     parser.add_argument("--bbh_dir", default=default_data_dir("bbh"))
     parser.add_argument("--mmlu_dir", default=default_data_dir("mmlu"))
     parser.add_argument("--gpu_memory_gb", type=float, default=None,
@@ -72,7 +75,7 @@ def main(argv=None) -> None:
                      "run them separately or pass --model_name_or_path")
     settings = RunSettings(model_name_or_path=args.model_name_or_path or defaults.pop(),
                            num_gpus=1 if args.parallel > 1 else args.num_gpus, results_dir=Path(args.results_dir),
-                           bbh_dir=args.bbh_dir, mmlu_dir=args.mmlu_dir, use_cuda=torch.cuda.is_available(),
+                           bbh_dir=args.bbh_dir, mmlu_dir=args.mmlu_dir, use_cuda=torch.cuda.is_available() or args.as_on_gpu,
                            seeds=tuple(args.seeds or scale.seeds), gpu_memory_gib=gpu_memory(args),
                            dry_run=DryRun(steps=args.dry_run_steps) if args.dry_run else None)
     run_tables([t.name for t in tables], args.scale, settings, only_rows=args.rows, with_base=not args.no_base,

@@ -203,3 +203,23 @@ def test_the_lm_eval_suite_is_read_as_the_cloze_metric(tiny_model_dir, tmp_path)
     average, (scores, groups) = cloze.average(tmp_path / "run"), cloze.item_scores(tmp_path / "run")
     assert len(scores) == 4 and sorted(set(groups)) == ["mmlu_anatomy_continuation", "mmlu_astronomy_continuation"]
     assert average == pytest.approx(scores.mean())
+
+
+def test_packed_results_keep_what_the_tables_read_and_drop_weights(tmp_path):
+    import importlib.util
+    import tarfile
+
+    spec = importlib.util.spec_from_file_location("pack_results", Path(__file__).parents[1] / "scripts" / "pack_results.py")
+    pack_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack_results)
+    run = tmp_path / "results" / "small" / "runs" / "bigbench" / "mtlora-s42"
+    (run / "eval" / "heldout").mkdir(parents=True)
+    long_task = "bigbench_" + "x" * 40
+    items = [{"task_type": long_task, "exact": True, "generation": "g" * 100, "output": "short"}]
+    (run / "eval" / "heldout" / "predictions.json").write_text(json.dumps({"predictions": items}))
+    (run / "adapter_model.safetensors").write_bytes(b"weights")
+    archive = tmp_path / "packed.tar.gz"
+    assert pack_results.pack(tmp_path / "results", archive) == 1
+    with tarfile.open(archive) as tar:
+        packed = json.load(tar.extractfile("small/runs/bigbench/mtlora-s42/eval/heldout/predictions.json"))
+    assert packed["predictions"] == [{"task_type": long_task, "exact": True, "output": "short"}]

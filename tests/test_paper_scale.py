@@ -153,13 +153,24 @@ def test_memory_formula_grows_with_the_batch_and_shrinks_with_checkpointing():
     assert shape.trainable_params == 75_497_472 and shape.family == "component"  # the paper's 75.5M
 
 
+def test_the_measured_table_gives_the_readme_s_card_sizes():
+    """README's GPU-size table (HydraLoRA 8 x 4 and mtLoRA 16 x 2 on a 24 GB card; 13B from 40 GB up)."""
+    hydra, mtlora = TABLES["main_ablation"].rows[0].flags, TABLES["main_ablation"].rows[-1].flags
+    assert memory_plan.choose_micro_batch(LLAMA7B, hydra, 32, 16, 512, True, 22.0).micro_batch == 8
+    assert memory_plan.choose_micro_batch(LLAMA7B, mtlora, 32, 16, 512, True, 22.0).micro_batch == 16
+    assert memory_plan.choose_micro_batch(LLAMA13B, hydra, 32, 16, 512, True, 39.0).micro_batch == 16
+    with pytest.raises(InvalidInput):
+        memory_plan.choose_micro_batch(LLAMA7B, mtlora, 32, 16, 512, True, 14.5)
+
+
 def test_the_plan_keeps_the_effective_batch_and_refuses_what_cannot_fit():
     flags = TABLES["main_ablation"].rows[0].flags
     large = memory_plan.choose_micro_batch(LLAMA7B, flags, 32, 16, 512, True, 79.0)
     small = memory_plan.choose_micro_batch(LLAMA7B, flags, 32, 16, 512, True, 19.0)
     assert (large.micro_batch, large.accumulation) == (16, 2)
     assert small.micro_batch < 16 and small.micro_batch * small.accumulation == 32
-    assert memory_plan.fits(small.peak_gib, 19.0) and small.source == "formula"
+    assert memory_plan.fits(small.peak_gib, 19.0) and small.source == "measured"  # MEASURED_PEAK_GIB covers it
+    assert memory_plan.choose_micro_batch(LLAMA7B, flags, 32, 16, 1024, True, 79.0).source == "formula"
     with pytest.raises(InvalidInput, match="--gpu_memory_gb 22.0: .* does not fit .*ds_zero3_offload"):
         memory_plan.choose_micro_batch(LLAMA13B, flags, 32, 16, 512, True, 22.0)
 

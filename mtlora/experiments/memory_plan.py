@@ -43,7 +43,17 @@ GIB = 2**30
 SHAPES = {(4096, 32, 11008, 32000): "llama-2-7b", (5120, 40, 13824, 32000): "llama-2-13b"}
 # (shape name, family, gradient checkpointing) -> {"trainable_params": N, "peak_gib": {micro-batch: GiB}} at
 # 512 tokens per sequence; family: "component" (adapters on q_proj, v_proj) | "block" (one per decoder block).
-MEASURED_PEAK_GIB: dict[tuple[str, str, bool], dict] = {}
+# Measured on one NVIDIA H200 (benchmarks/PAPER_SCALE.md, 2026-11-30): GiB allocated at the peak of one step.
+MEASURED_PEAK_GIB: dict[tuple[str, str, bool], dict] = {
+    ('llama-2-7b', 'component', True): {'trainable_params': 75497472, 'peak_gib': {1: 14.02, 2: 14.02, 4: 14.56, 8: 16.23, 16: 19.55}},
+    ('llama-2-7b', 'component', False): {'trainable_params': 75497472, 'peak_gib': {1: 21.4, 2: 29.81, 4: 46.59, 8: 79.95}},
+    ('llama-2-7b', 'block', True): {'trainable_params': 39845888, 'peak_gib': {1: 13.36, 2: 13.39, 4: 14.03, 8: 15.29, 16: 17.82}},
+    ('llama-2-7b', 'block', False): {'trainable_params': 39845888, 'peak_gib': {1: 15.37, 2: 17.95, 4: 23.07, 8: 33.13, 16: 53.42}},
+    ('llama-2-13b', 'component', True): {'trainable_params': 117964800, 'peak_gib': {1: 26.62, 2: 26.62, 4: 27.1, 8: 29.34, 16: 33.81}},
+    ('llama-2-13b', 'component', False): {'trainable_params': 117964800, 'peak_gib': {1: 38.09, 2: 51.13, 4: 76.92, 8: 128.75}},
+    ('llama-2-13b', 'block', True): {'trainable_params': 88473600, 'peak_gib': {1: 26.12, 2: 26.09, 4: 26.31, 8: 27.87, 16: 30.97}},
+    ('llama-2-13b', 'block', False): {'trainable_params': 88473600, 'peak_gib': {1: 28.96, 2: 32.96, 4: 40.74, 8: 56.54, 16: 88.17}},
+}
 MEASURED_SEQ_LEN = 512
 
 

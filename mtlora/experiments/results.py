@@ -145,7 +145,9 @@ def compare(row_jobs: list[Job], baseline_jobs: list[Job]) -> dict:
 def torch_device_name(settings: RunSettings) -> str:
     import torch
 
-    return torch.cuda.get_device_name(0) if settings.use_cuda and torch.cuda.is_available() else "cpu"
+    if not settings.use_cuda:
+        return "cpu"
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPUs of another machine (--as_on_gpu)"
 
 
 def render(table: Table, scale: Scale, output: dict) -> str:
