@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,33 @@ def test_counts_match_the_paper_on_llama2_7b(values, paper_millions, formula, ll
     trainable, total = count_parameters(model)
     assert trainable == formula
     assert abs(trainable / 1e6 - paper_millions) < 0.05
+
+
+LLAMA13B = Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-2-13b"  # Table S7's shape
+D13, LAYERS13 = 5120, 40
+
+
+@pytest.mark.parametrize("values, paper_millions, formula", [
+    (dict(method="hydralora"), 117.9, 2 * LAYERS13 * routed_adapter_formula(D13, D13, 16, 16)),
+    (dict(method="mtlora", enable_block_adapter=True, enable_fine_grained_routing=True, routing_group_size=512),
+     88.5, LAYERS13 * routed_adapter_formula(D13, D13, 16, 16, groups=10)),
+])
+def test_counts_match_table_s7_on_llama2_13b(values, paper_millions, formula):
+    model = load_base_model(str(LLAMA13B))
+    attach_adapters(model, AdapterConfig(**values))
+    trainable, _ = count_parameters(model)
+    assert trainable == formula and abs(trainable / 1e6 - paper_millions) < 0.1  # 117.96M: the paper truncates
+
+
+def test_mmoelora_as_the_reference_builds_it_is_smaller_than_the_paper_s_table(llama7b_config_dir):
+    """The paper lists MMoELoRA at 75.5M; the reference module splits the rank over its experts (16 / 4 each),
+    which is a rank-16 LoRA's size on q_proj and v_proj plus one task embedding and gate per layer: 8.4M. We
+    build the reference (README, "choices")."""
+    model = load_base_model(str(llama7b_config_dir))
+    attach_adapters(model, AdapterConfig(method="mmoelora"))
+    trainable, _ = count_parameters(model)
+    lora = 2 * LAYERS * 16 * (D + D)
+    assert lora < trainable < lora + 2 * LAYERS * 2_000 and abs(trainable / 1e6 - 8.4) < 0.05
 
 
 def test_count_params_only_cli_prints_the_count(llama7b_config_dir):
