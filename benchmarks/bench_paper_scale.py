@@ -235,6 +235,16 @@ def measure_unit(ctx: Context, model, job: Job, suites: tuple[str, ...], mix: st
     shutil.rmtree(out, ignore_errors=True)
     argv = as_cli({**job.model_flags(), **flags, **job.training, "data_path": str(ctx.data_path),
                    "output_dir": str(out), "save_strategy": "no", "logging_steps": 1})
+    try:  # the adapters come off whatever happens, so that the next unit starts from the bare model
+        return train_and_evaluate(ctx, model, job, suites, mix, flags, argv, spectral_step)
+    finally:
+        detach_adapters(model)
+        model.train()
+        free_memory(ctx.device)
+
+
+def train_and_evaluate(ctx: Context, model, job: Job, suites: tuple[str, ...], mix: str, flags: dict, argv: list[str],
+                       spectral_step: int | None) -> dict:
     summary = run_training(*parse_arguments(argv), callbacks=[ExpertMix(mix)] if mix != "fused" else None,
                            base_model=model)
     result = {"row": job.row.key, "label": job.row.label, "kind": job.kind, "expert_mix": mix, "flags": flags,
@@ -244,9 +254,6 @@ def measure_unit(ctx: Context, model, job: Job, suites: tuple[str, ...], mix: st
               "step_tokens": summary["step_tokens"], "peak_gpu_memory_gib": summary["peak_gpu_memory_gib"],
               **step_statistics(summary["step_seconds"], summary["step_tokens"], ctx.args.warmup_steps, spectral_step)}
     result["eval"] = {suite: time_eval(ctx, model, suite, job.scale.eval_batch_size) for suite in suites}
-    detach_adapters(model)
-    model.train()
-    free_memory(ctx.device)
     return result
 
 

@@ -223,3 +223,12 @@ def test_packed_results_keep_what_the_tables_read_and_drop_weights(tmp_path):
     with tarfile.open(archive) as tar:
         packed = json.load(tar.extractfile("small/runs/bigbench/mtlora-s42/eval/heldout/predictions.json"))
     assert packed["predictions"] == [{"task_type": long_task, "exact": True, "output": "short"}]
+
+
+def test_a_job_s_gpu_is_taken_from_the_gpus_the_runner_sees(monkeypatch):
+    from mtlora.experiments.runner import visible_gpu
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    assert [visible_gpu(0), visible_gpu(1)] == ["1", "3"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpu(1) == "1"

@@ -29,6 +29,9 @@ from mtlora.training_data import read_instruction_records
 
 SUITES = ("heldout", "bbh", "mmlu", "lm_eval")
 LM_EVAL_TASKS = ("mmlu_continuation",)  # the lm_eval suite: lm-evaluation-harness's cloze MMLU, run by lm-eval itself
+# lm-eval takes a log-softmax over the whole vocabulary for every position of a batch (batch x length x vocabulary
+# float32: 24 GB at batch 256 with SmolLM2's 49,152 tokens), so its batch is capped below the other suites'.
+LM_EVAL_MAX_BATCH = 32
 # Held-out prompts are cut (from the left) to this many tokens: training saw at most 512 per sequence,
 # and a few BIG-bench inputs run to thousands of tokens, which would dominate memory and time.
 HELDOUT_MAX_LENGTH = 1024
@@ -96,7 +99,8 @@ def evaluate_run(run_dir: str | Path, suites: list[str], model_name_or_path: str
                                output_dir=out, metadata=metadata)
         else:
             summary = run_harness(model, tokenizer, LM_EVAL_TASKS, mmlu_dir=data["lm_eval"],
-                                  limit=limits.get("lm_eval"), batch_size=batch_size, output_dir=out,
+                                  limit=limits.get("lm_eval"), batch_size=min(batch_size, LM_EVAL_MAX_BATCH),
+                                  output_dir=out,
                                   metadata=metadata)
         write_json(out / "timing.json", {"seconds": time.perf_counter() - started, "items": summary.get("num_examples")})
         write_json(out / "identity.json", identities[suite])

@@ -144,10 +144,16 @@ def _progress_text(progress_file: Path, started: float) -> str:
     return text + (f", ETA {eta / 60:.1f}m" if eta is not None else "")
 
 
+def visible_gpu(index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of the ``index``-th GPU this process sees (it may itself see a subset)."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
 def execute(job: Job, bar: tqdm, gpu: int | None = None) -> None:
     """Train (or merge / compose) one job unless finished, then evaluate its pending suites (on ``gpu``, when
     given: the job's processes see that one GPU)."""
-    env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+    env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": visible_gpu(gpu)}
     with locked(job.run_dir):
         write_json(job.run_dir / "identity.json", job.identity)
         timings = _read_json(job.run_dir / "timings.json") or {}
