@@ -82,11 +82,26 @@ def dolly_record(raw: dict, where: str) -> dict:
             "task_type": raw["category"]}
 
 
+def cluster_tasks(records: list[dict], num_clusters: int, seed: int) -> list[dict]:
+    """The paper's Dolly task labels: K-means (seeded) over TF-IDF vectors of instruction + context, as
+    ``task_type`` = ``cluster_00`` ...; Dolly's own category stays in ``category``."""
+    from sklearn.cluster import KMeans
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    if not 2 <= num_clusters <= len(records):
+        raise DataSourceError(f"--num_clusters {num_clusters}: expected 2 to {len(records)} (the number of records)")
+    vectors = TfidfVectorizer(max_features=20_000, stop_words="english").fit_transform(
+        [f"{r['instruction']} {r['input']}" for r in records])
+    labels = KMeans(n_clusters=num_clusters, random_state=seed, n_init=10).fit_predict(vectors)
+    return [{**r, "task_type": f"cluster_{label:02d}", "category": r["task_type"]} for r, label in zip(records, labels)]
+
+
 def prepare_dolly(output_dir: str | Path, source: str | Path | None = None, val_size: float = 0.05,
-                  seed: int = 42) -> dict:
+                  seed: int = 42, num_clusters: int | None = None) -> dict:
     """Write ``train.jsonl`` and ``validation.jsonl`` (a seeded split) and ``tasks.json``.
 
-    ``val_size`` below 1 is a fraction of the records, from 1 up a count.
+    ``val_size`` below 1 is a fraction of the records, from 1 up a count. Task labels: Dolly's ``category``
+    (what the reference runs use), or with ``num_clusters`` K the paper's K-means clusters (:func:`cluster_tasks`).
     """
     if source:
         raw = read_json_records(source)
@@ -94,6 +109,8 @@ def prepare_dolly(output_dir: str | Path, source: str | Path | None = None, val_
         require_hub("dolly", DOLLY_HUB, "a JSON/JSONL file with fields instruction, context, response, category")
         raw = [(f"{DOLLY_HUB}, record {i}", r) for i, r in enumerate(load_hub_dataset(DOLLY_HUB, split="train"), 1)]
     records = [dolly_record(record, where) for where, record in raw]
+    if num_clusters is not None:
+        records = cluster_tasks(records, num_clusters, seed)
     random.Random(seed).shuffle(records)
     num_val = round(val_size * len(records)) if val_size < 1 else int(val_size)
     if not 0 <= num_val < len(records):
@@ -102,6 +119,7 @@ def prepare_dolly(output_dir: str | Path, source: str | Path | None = None, val_
     write_jsonl(Path(output_dir) / "train.jsonl", train)
     write_jsonl(Path(output_dir) / "validation.jsonl", validation)
     summary = {"source": str(source or DOLLY_HUB), "seed": seed, "train": len(train), "validation": len(validation),
+               "task_labels": f"K-means, {num_clusters} clusters" if num_clusters else "category",
                "tasks": dict(sorted(Counter(r["task_type"] for r in records).items()))}
     write_json(Path(output_dir) / "tasks.json", summary)
     return summary

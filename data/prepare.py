@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     flan.add_argument("--seed", type=int, default=42)
     dolly.add_argument("--val_size", type=float, default=0.05, help="fraction (< 1) or count of validation records")
     dolly.add_argument("--seed", type=int, default=42)
+    dolly.add_argument("--num_clusters", type=int, default=None,
+                       help="task labels from K-means over TF-IDF of instruction + context (the paper: 16); default: "
+                            "Dolly's category field (the reference runs and the tables)")
     bigbench = commands.add_parser("bigbench", help="multi-task set from the bigbench==1.0.0 sdist")
     bigbench.add_argument("--sdist", required=True, help="bigbench-1.0.0.tar.gz from `pip download --no-deps bigbench==1.0.0`")
     group = bigbench.add_mutually_exclusive_group(required=True)
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "flan":
         return prepare_flan(args.output_dir, args.source, args.num_examples, args.max_per_task, args.seed)
     if args.command == "dolly":
-        return prepare_dolly(args.output_dir, args.source, args.val_size, args.seed)
+        return prepare_dolly(args.output_dir, args.source, args.val_size, args.seed, args.num_clusters)
     if args.command == "synthetic":
         return prepare_synthetic(args.output_dir, args.tokenizer, args.num_examples, args.num_tasks, args.seed,
                                  args.lengths_from, args.max_tokens, args.max_token_id)

@@ -200,3 +200,23 @@ def test_a_source_record_that_is_not_an_object_is_named_by_line(command, tmp_pat
     source.write_text(json.dumps({**good, "response": 3, "targets": 3}) + "\n")
     assert prepare.main([command, "--source", str(source), "--output_dir", str(tmp_path / "o")]) == 2
     assert f"{source}:1: " in capsys.readouterr().err
+
+
+def test_dolly_clusters_are_the_paper_s_kmeans_labels(tmp_path, capsys):
+    source = tmp_path / "dolly.jsonl"
+    topics = {"cooking": "bake bread flour oven yeast dough", "astronomy": "planet orbit star telescope galaxy moon"}
+    rows = [{"instruction": f"{words} question {i}", "context": "", "response": f"R{i}", "category": "open_qa"}
+            for i in range(20) for words in topics.values()]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("a", "b"):
+        assert prepare.main(["dolly", "--source", str(source), "--output_dir", str(tmp_path / name),
+                             "--num_clusters", "2"]) == 0
+    records = read_jsonl(tmp_path / "a" / "train.jsonl") + read_jsonl(tmp_path / "a" / "validation.jsonl")
+    by_topic = {topic: {r["task_type"] for r in records if r["instruction"].startswith(words)}
+                for topic, words in topics.items()}
+    assert all(len(labels) == 1 for labels in by_topic.values()) and by_topic["cooking"] != by_topic["astronomy"]
+    assert all(r["category"] == "open_qa" for r in records)
+    assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()
+    assert prepare.main(["dolly", "--source", str(source), "--output_dir", str(tmp_path / "c"),
+                         "--num_clusters", "1000"]) == 2
+    assert "--num_clusters 1000: expected 2 to 40" in capsys.readouterr().err
