@@ -161,6 +161,11 @@ def _conflict_ratio(results: dict, baseline: str, compare: str) -> dict | None:
             "definition": "conflict = mean over layers and task pairs of max(0, -cos); reduction = 1 - ratio"}
 
 
+def redraw(data: dict) -> plt.Figure:
+    """The figure again from the JSON :func:`gradient_conflict` saved."""
+    return plot_conflict(data["configurations"], data["conflict_ratio"])
+
+
 def gradient_conflict(data_path: str, output_dir: str, checkpoints: list[tuple[str, str]] | None = None,
                       fresh: AdapterConfig | None = None, block_adapter_type: str = "ffn", init_noise: float = 1e-3,
                       model_name_or_path: str | None = None, samples_per_task: int = 32, batch_size: int = 8,

@@ -79,6 +79,11 @@ def plot_entropy(results: dict) -> plt.Figure:
     return figure
 
 
+def redraw(data: dict) -> plt.Figure:
+    """The figure again from the JSON :func:`routing_entropy` saved."""
+    return plot_entropy(data["checkpoints"])
+
+
 def routing_entropy(checkpoints: list[tuple[str, str]], data_path: str, output_dir: str,
                     model_name_or_path: str | None = None, samples_per_task: int = 32, batch_size: int = 8,
                     max_seq_length: int = 512, seed: int = 42, device: str = "cpu", dtype: str = "float32") -> dict:

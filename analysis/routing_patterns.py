@@ -74,6 +74,13 @@ def plot_patterns(matrices: dict, tasks: list[str]) -> plt.Figure:
     return figure
 
 
+def redraw(data: dict) -> plt.Figure:
+    """The figure again from the JSON :func:`routing_patterns` saved."""
+    matrices = {"layers": {int(layer): np.asarray(m) for layer, m in data["layers"].items()},
+                "average": np.asarray(data["average"])}
+    return plot_patterns(matrices, data["tasks"])
+
+
 def routing_patterns(checkpoint: str, data_path: str, output_dir: str, layers: list[int] | None = None,
                      model_name_or_path: str | None = None, samples_per_task: int = 32, batch_size: int = 8,
                      max_seq_length: int = 512, seed: int = 42, device: str = "cpu", dtype: str = "float32") -> dict:

@@ -139,6 +139,11 @@ def plot_spectra(results: dict) -> plt.Figure:
     return figure
 
 
+def redraw(data: dict) -> plt.Figure:
+    """The figure again from the JSON :func:`spectral_alignment` saved."""
+    return plot_spectra(data["checkpoints"])
+
+
 def spectral_alignment(checkpoints: list[tuple[str, str]], output_dir: str, top_k: int = 4) -> dict:
     """Compute, plot and save the spectral analysis of labelled checkpoints; returns the JSON data."""
     results = {label: checkpoint_spectra(path, top_k) for label, path in checkpoints}

@@ -1,0 +1,37 @@
+"""Accuracy vs routing groups and vs task count: the points (x, mean, std) come from the tables' JSON."""
+
+import json
+
+import pytest
+
+from analysis import table_plots
+
+
+def metric(mean, std):
+    return {"mean": mean, "std": std, "values": [mean]}
+
+
+def test_routing_granularity_points_follow_the_registry_s_groups(tmp_path):
+    table = {"table": "routing_granularity", "title": "Table 3", "seeds": [42, 43, 44], "rows": [
+        {"key": "base", "label": "base", "track": "bigbench", "heldout": metric(0.1, None)},
+        {"key": "baseline", "label": "G = 1", "track": "bigbench", "heldout": metric(0.40, 0.01)},
+        {"key": "component_g8", "label": "G = 8", "track": "bigbench", "heldout": metric(0.42, 0.02)},
+        {"key": "component_g2", "label": "G = 2", "track": "bigbench", "heldout": metric(0.41, None)}]}
+    series = table_plots.points(table, "heldout", lambda r: table_plots.groups_of("routing_granularity", r["key"]),
+                                lambda r: r["track"])
+    assert series == {"bigbench": [(1, 40.0, 1.0), (2, 41.0, 0.0), (8, 42.0, 2.0)]}  # the base row has no G
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    assert table_plots.table_plot(path, tmp_path / "out").is_file()
+
+
+def test_task_scaling_points_are_per_row_over_task_counts(tmp_path):
+    table = {"table": "task_scaling", "title": "scaling", "seeds": [1], "rows": [
+        {"key": "mtlora", "label": "mtLoRA", "track": f"tasks{n}", "bbh": metric(v, 0.0)}
+        for n, v in ((25, 0.3), (5, 0.2))]}
+    assert table_plots.points(table, "bbh", lambda r: table_plots.task_count_of(r["track"]), lambda r: r["label"]) == {
+        "mtLoRA": [(5, 20.0, 0.0), (25, 30.0, 0.0)]}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({**table, "table": "main_ablation"}))
+    with pytest.raises(SystemExit, match="expected one of routing_granularity"):
+        table_plots.table_plot(path, tmp_path / "out")
