@@ -175,6 +175,13 @@ def test_run_table_trains_every_seed_aggregates_and_resumes(tiny_setup):
                           with_base=False, assemble_only=True)
     assert assembled["rows"][0]["seeds"] == [1, 2, 3] and len(assembled["rows"][0]["heldout"]["values"]) == 2
 
+    # a seed whose evaluation is missing on one side is left out of the paired interval, not the whole metric
+    mtlora_dir = next(Path(r["run_dir"]) for r in output["per_seed"] if r["key"] == "mtlora" and r["seed"] == 2)
+    (mtlora_dir / "eval" / "heldout" / "predictions.json").unlink()
+    partial = run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline", "mtlora"], assemble_only=True)
+    versus = next(r for r in partial["rows"] if r["key"] == "mtlora")["versus_baseline"]
+    assert versus["heldout"]["seeds"] == 1 and versus["bbh"]["seeds"] == 2
+
 
 def test_missing_training_data_is_reported_with_the_prepare_command(tiny_setup, tmp_path):
     scale = registry.SCALES["tiny"]

@@ -125,20 +125,19 @@ def tabulate(table: Table, scale: Scale, settings: RunSettings, jobs: list[Job],
 
 
 def compare(row_jobs: list[Job], baseline_jobs: list[Job]) -> dict:
-    """Paired bootstrap of row - baseline for every metric both have, pairing seeds by their position."""
+    """Paired bootstrap of row - baseline for every metric both have, pairing seeds by their position; a seed
+    pair where either side lacks the metric's items is left out (the result's ``seeds`` counts the pairs used)."""
     result = {}
     for metric in METRICS:
         pairs = []
         for row_job, base_job in zip(sorted(row_jobs, key=lambda j: j.seed), sorted(baseline_jobs, key=lambda j: j.seed)):
             row_items, base_items = metric.item_scores(row_job.run_dir), metric.item_scores(base_job.run_dir)
-            if row_items is None or base_items is None or len(row_items[0]) != len(base_items[0]):
-                break
-            pairs.append((row_items, base_items))
-        else:
-            if pairs:
-                groups = pairs[0][0][1] if metric.grouped else None
-                result[metric.name] = paired_bootstrap(np.stack([p[0][0] for p in pairs]),
-                                                       np.stack([p[1][0] for p in pairs]), groups)
+            if row_items is not None and base_items is not None and len(row_items[0]) == len(base_items[0]):
+                pairs.append((row_items, base_items))
+        if pairs:
+            groups = pairs[0][0][1] if metric.grouped else None
+            result[metric.name] = paired_bootstrap(np.stack([p[0][0] for p in pairs]),
+                                                   np.stack([p[1][0] for p in pairs]), groups)
     return result
 
 

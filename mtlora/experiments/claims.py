@@ -1,0 +1,78 @@
+"""The claims table: every trained row against the table's baseline, per metric, with the paper's difference,
+ours (paired bootstrap, 95%), the seeds it rests on and the verdict, read from tables' JSON; never typed by hand.
+
+    python -m mtlora.experiments.claims results/small_seeds/main_ablation.json --readme README.md
+
+With --readme, the table replaces what stands between ``<!-- claims:begin -->`` and ``<!-- claims:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from mtlora.experiments.results import BASELINE_KEY, METRICS
+
+BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
+PAPER_COLUMN = {"bbh": "bbh", "mmlu": "mmlu", "mmlu_loglik": "mmlu", "mmlu_cloze": "mmlu"}  # the paper's benchmark
+LABELS = {m.name: m.label for m in METRICS}
+
+
+def paper_difference(row: dict, baseline: dict, metric: str) -> str:
+    column = PAPER_COLUMN.get(metric)
+    if column is None or column not in row["paper"] or column not in baseline["paper"]:
+        return "—"
+    return f"{row['paper'][column][0] - baseline['paper'][column][0]:+.1f} ({column.upper()})"
+
+
+def claim_rows(table: dict) -> list[str]:
+    """One Markdown row per (row, metric) that has a paired interval against the baseline."""
+    rows = {r["key"]: r for r in table["rows"]}
+    baseline = rows.get(BASELINE_KEY)
+    lines = []
+    for row in table["rows"]:
+        if baseline is None or row["key"] in (BASELINE_KEY, "base"):
+            continue
+        for metric, result in row.get("versus_baseline", {}).items():
+            interval = (f"{100 * result['difference']:+.1f} [{100 * result['low']:+.1f}, "
+                        f"{100 * result['high']:+.1f}]")
+            lines.append(f"| {table['title'].split(':')[0]} | {row['label']} vs {baseline['label']} | {LABELS[metric]} | "
+                         f"{paper_difference(row, baseline, metric)} | {interval} | {result['seeds']} x "
+                         f"{result['items']:,} items | **{result['verdict']}** |")
+    return lines
+
+
+def claims_markdown(tables: list[dict]) -> str:
+    header = ["| table | claim | metric | paper's difference | ours, points [95% CI] | seeds x items | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    minutes = "; ".join(f"{t['title'].split(':')[0]} ({t['scale']} scale): {t['gpu_minutes']:.0f} GPU-minutes"
+                        for t in tables)
+    rule = tables[0]["verdict_rule"] if tables else ""
+    return "\n".join(header + [line for t in tables for line in claim_rows(t)]) + f"\n\nVerdict rule: {rule}. {minutes}."
+
+
+def replace_between_markers(text: str, block: str, where: str) -> str:
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"error: --readme {where}: no {BEGIN} ... {END} section to replace")
+    return pattern.sub(lambda _: f"{BEGIN}\n{block}\n{END}", text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("tables", nargs="+", help="tables' JSON written by tables/run_table.py")
+    parser.add_argument("--readme", default=None, help="write the table into this file between the markers")
+    args = parser.parse_args(argv)
+    block = claims_markdown([json.loads(Path(path).read_text()) for path in args.tables])
+    if args.readme is None:
+        print(block)
+        return
+    readme = Path(args.readme)
+    readme.write_text(replace_between_markers(readme.read_text(), block, args.readme))
+    print(f"{args.readme}: claims table written ({block.count(chr(10)) - 3} claims)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""README's claims table is generated from the tables' JSON."""
+
+import json
+
+import pytest
+
+from mtlora.experiments import claims
+
+
+def table():
+    versus = {"bbh": {"difference": 0.012, "low": 0.004, "high": 0.02, "seeds": 3, "items": 6430,
+                      "verdict": "supported"}}
+    return {"title": "Table 2: ablation", "scale": "small", "gpu_minutes": 12.0, "verdict_rule": "rule", "rows": [
+        {"key": "base", "label": "base", "paper": {}, "versus_baseline": versus},
+        {"key": "baseline", "label": "HydraLoRA", "paper": {"bbh": [35.5, 1.7]}},
+        {"key": "mtlora", "label": "mtLoRA", "paper": {"bbh": [38.5, 0.3]}, "versus_baseline": versus}]}
+
+
+def test_one_claim_per_row_and_metric_with_the_paper_s_difference():
+    markdown = claims.claims_markdown([table()])
+    lines = [line for line in markdown.splitlines() if line.startswith("| Table 2")]
+    assert lines == ["| Table 2 | mtLoRA vs HydraLoRA | BBH (paper protocol) | +3.0 (BBH) | +1.2 [+0.4, +2.0] | "
+                     "3 x 6,430 items | **supported** |"]  # the base model's row is no claim
+    assert "Table 2 (small scale): 12 GPU-minutes" in markdown
+
+
+def test_the_readme_section_between_the_markers_is_replaced(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{claims.BEGIN}\nold\n{claims.END}\noutro\n")
+    source = tmp_path / "t.json"
+    source.write_text(json.dumps(table()))
+    claims.main([str(source), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and "**supported**" in text
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="no <!-- claims:begin -->"):
+        claims.main([str(source), "--readme", str(readme)])
