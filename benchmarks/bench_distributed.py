@@ -51,15 +51,14 @@ import transformers
 from transformers import AutoTokenizer, TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_adapters import TINY_MODEL, build_model  # noqa: E402
-from mtlora.checkpoint import load_adapter  # noqa: E402
-from mtlora.config import AdapterConfig  # noqa: E402
-from mtlora.loading import build_meta_model  # noqa: E402
-from mtlora.training import run_training  # noqa: E402
-from mtlora.training_data import tokenize_record  # noqa: E402
-from train import parse_arguments  # noqa: E402
+from benchmarks.bench_adapters import TINY_MODEL, build_model
+from mtlora.checkpoint import load_adapter
+from mtlora.config import AdapterConfig
+from mtlora.loading import build_meta_model
+from mtlora.training import run_training
+from mtlora.training_data import tokenize_record
+from mtlora.train_cli import parse_arguments
 
 SCRIPT = Path(__file__).resolve()
 TOKENIZER_DIR = REPO / "configs" / "models" / "smollm2-135m"

@@ -48,22 +48,21 @@ import transformers
 from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_adapters import set_checkpointing, train_step_fn  # noqa: E402
-from data.synthetic import BIGBENCH_POOL, synthetic_records  # noqa: E402
-from mtlora.evaluation.bbh import run_bbh  # noqa: E402
-from mtlora.evaluation.cli import default_data_dir  # noqa: E402
-from mtlora.evaluation.mmlu import run_mmlu  # noqa: E402
-from mtlora.errors import InvalidInput  # noqa: E402
-from mtlora.evaluation.reporting import markdown_table  # noqa: E402
-from mtlora.experiments import dry_run, memory_plan  # noqa: E402
-from mtlora.experiments.jobs import Job, RunSettings, as_cli  # noqa: E402
-from mtlora.experiments.registry import SCALES, TABLES, Row, Table  # noqa: E402
-from mtlora.injection import attach_adapters, detach_adapters, set_expert_mix  # noqa: E402
-from mtlora.loading import ModuloTokenizer, build_random_model, load_tokenizer  # noqa: E402
-from mtlora.training import run_training  # noqa: E402
-from train import parse_arguments  # noqa: E402
+from benchmarks.bench_adapters import set_checkpointing, train_step_fn
+from data.synthetic import BIGBENCH_POOL, synthetic_records
+from mtlora.evaluation.bbh import run_bbh
+from mtlora.evaluation.cli import default_data_dir
+from mtlora.evaluation.mmlu import run_mmlu
+from mtlora.errors import InvalidInput
+from mtlora.evaluation.reporting import markdown_table
+from mtlora.experiments import dry_run, memory_plan
+from mtlora.experiments.jobs import Job, RunSettings, as_cli
+from mtlora.experiments.registry import SCALES, TABLES, Row
+from mtlora.injection import attach_adapters, detach_adapters, set_expert_mix
+from mtlora.loading import ModuloTokenizer, build_random_model, load_tokenizer
+from mtlora.training import run_training
+from mtlora.train_cli import parse_arguments
 
 CONFIGS = REPO / "configs" / "models"
 MODEL_TABLES = {"llama-2-7b": ("main_ablation", "block_level", "routing_granularity", "main_results"),

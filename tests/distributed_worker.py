@@ -24,13 +24,12 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mtlora.checkpoint  # noqa: E402
-from mtlora.injection import adapter_state_dict  # noqa: E402
-from mtlora.training import run_training  # noqa: E402
-from train import main as train_main  # noqa: E402
-from train import parse_arguments  # noqa: E402
+import mtlora.checkpoint
+from mtlora.injection import adapter_state_dict
+from mtlora.training import run_training
+from mtlora.train_cli import main as train_main
+from mtlora.train_cli import parse_arguments
 
 
 class RunRecord(TrainerCallback):

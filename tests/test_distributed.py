@@ -30,7 +30,7 @@ from mtlora.injection import attach_adapters, set_task_ids
 from mtlora.losses import AuxiliaryLosses, balance_loss, clear_routing_records
 from mtlora.training import check_distributed_support, run_training
 from tests.helpers import ADAPTER_MATRIX, METHODS, REPO, adapter_config, tiny_llama, write_multitask_records
-from train import parse_arguments
+from mtlora.train_cli import parse_arguments
 
 STEPS = 20
 WORKER = REPO / "tests" / "distributed_worker.py"

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from mtlora.evaluation.bbh import build_bbh_prompt, load_bbh, load_bbh_task, resolve_tasks, task_prompts
+from mtlora.evaluation.bbh import build_bbh_prompt, load_bbh_task, resolve_tasks, task_prompts
 from mtlora.evaluation.heldout import limit_per_task
-from mtlora.evaluation.mmlu import (build_mmlu_prompt, fit_prompt, format_header, letter_token_ids, load_mmlu,
+from mtlora.evaluation.mmlu import (build_mmlu_prompt, fit_prompt, format_header, letter_token_ids,
                                     load_mmlu_csv, resolve_subjects, subject_prompts)
 from mtlora.prompts import build_training_prompt, encode_prompt
 from mtlora.training_data import DataFormatError, read_instruction_records, tokenize_record

@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from mtlora.arguments import AdapterTrainingArguments
 from mtlora.config import AdapterConfig
 from mtlora.injection import attach_adapters, set_task_ids
 from mtlora.losses import AuxiliaryLosses, balance_loss
