@@ -453,10 +453,9 @@ def bench_eval(llama: nn.Module, sizes: Sizes, device: torch.device, dtype: torc
 def bench_compiled_step(model: nn.Module, sizes: Sizes, device: torch.device, backend: str) -> dict:
     """The mtLoRA (fused) step, eager then with every decoder layer compiled (regional compilation)."""
     from mtlora.injection import find_decoder_layers
+    from mtlora.training import allow_checkpointed_side_effects
 
-    # The adapter records its routing mean as a module attribute; under checkpointing, dynamo refuses
-    # that side effect unless told not to replay it in the recomputation (eager replays it harmlessly).
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    allow_checkpointed_side_effects()
     model.train()
     model.config.use_cache = False
     set_checkpointing(model, True)

@@ -29,11 +29,18 @@ from mtlora.trainer import AdapterTrainer, ProgressFile, StepTimes, write_progre
 from mtlora.training_data import InstructionDataset, PaddingCollator, read_instruction_records, task_labels
 
 
+def allow_checkpointed_side_effects() -> None:
+    """The adapters record their routing means (a module attribute) inside the checkpointed region; dynamo
+    refuses that side effect under activation checkpointing unless told not to replay it in the recomputation
+    (eager replays it harmlessly). Older torch releases (2.6 among them) have no such setting: there the write
+    is a graph break, which costs speed, not correctness (the compiled-vs-eager test passes on 2.6)."""
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
 def compile_decoder_layers(model) -> None:
     """Compile every decoder layer in place; the graph is shared by the layers (same code, same shapes)."""
-    # The adapters record their routing means inside the checkpointed region; without this setting that
-    # attribute write is a graph break under activation checkpointing.
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    allow_checkpointed_side_effects()
     for layer in find_decoder_layers(model):
         layer.compile()
 

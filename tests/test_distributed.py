@@ -198,7 +198,8 @@ def test_zero_trains_like_ddp_with_the_trainers_optimizer_and_schedule(config, m
     records = rank_records(folder, f"{config}-{method}")
     zero = records[0]
     assert zero["optimizer"][-1] == "torch.optim.adamw.AdamW" and any("deepspeed" in o for o in zero["optimizer"])
-    assert zero["fused"] is True  # the Trainer's default adamw_torch_fused: nothing of DeepSpeed's is compiled
+    # the Trainer's own AdamW, fused where the torch release supports it, exactly as DDP's: nothing of DeepSpeed's
+    assert zero["fused"] == rank_records(folder, method)[0]["fused"]
     assert zero["lr_scheduler"] == "torch.optim.lr_scheduler.LambdaLR"  # the Trainer's linear decay
     reference = (single_process("mtlora-no-spectral", "mtlora", enable_spectral_reg=False)
                  if config.startswith("ds_zero3") and method == "mtlora" else rank_records(folder, method)[0]["log"])
@@ -218,7 +219,7 @@ def test_zero3_adapter_is_saved_whole_and_loads_back(runs, tiny_model_dir):
     assert saved.keys() == ddp.keys()
     for name, tensor in saved.items():
         assert tensor.dtype == torch.float32 and tensor.shape == ddp[name].shape and tensor.numel() > 0
-        torch.testing.assert_close(tensor, ddp[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(tensor, ddp[name], rtol=1e-4, atol=5e-6)  # float32 sums in another order
     model, _ = load_model_for_eval(str(tiny_model_dir), str(folder / "ds_zero3-hydralora"))
     loaded = {n: p for n, p in model.named_parameters() if ".adapter." in n}
     for name, tensor in saved.items():
