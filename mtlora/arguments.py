@@ -79,6 +79,9 @@ class AdapterTrainingArguments(TrainingArguments):
     # carries task ids; tests/test_distributed.py checks it for every adapter configuration), so DDP need not
     # search the graph for unused ones after each backward, as the Trainer's default would without checkpointing.
     ddp_find_unused_parameters: bool | None = False
+    # The Trainer's NaN/inf filter tests every micro-batch's loss on the host (a device sync per micro-batch, which
+    # stalls the launch queue of a small model's step); off, a NaN or inf loss is logged as it is.
+    logging_nan_inf_filter: bool = False
     loss_averaging: str = field(default="micro_batch", metadata={
         "help": "micro_batch: the LM loss is each micro-batch's token mean, averaged over the accumulation steps, as "
                 "in the reference runs (transformers 4.36) | tokens: the token mean over the whole accumulated batch "

@@ -218,49 +218,69 @@ def write_progress(folder: str | Path, what: str, done: int, total: int) -> None
 
 
 class ProgressFile(TrainerCallback):
-    """Writes the optimisation step and the total to ``<output_dir>/progress.json`` (main process only)."""
+    """Writes the optimisation step and the total to ``<output_dir>/progress.json`` (main process only), at most
+    once a second and at the last step."""
 
     def __init__(self, output_dir: str | Path):
         self.output_dir = output_dir
+        self._written = 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        now = time.monotonic()
+        if state.is_world_process_zero and (now - self._written >= 1.0 or state.global_step == state.max_steps):
             write_progress(self.output_dir, "step", state.global_step, state.max_steps)
+            self._written = now
 
 
 class StepTimes(TrainerCallback):
-    """Wall seconds of every optimisation step (measured once the device has finished it), the input tokens of
-    each (padding included; counted when --include_num_input_tokens_seen is on) and the run's peak GPU memory:
-    what s/step, tokens/s and memory plans are read from (train_summary.json)."""
+    """Seconds of every optimisation step, the input tokens of each (padding included; counted when
+    --include_num_input_tokens_seen is on) and the run's peak GPU memory: what s/step, tokens/s and memory plans
+    are read from (train_summary.json).
+
+    On a GPU a step is timed by CUDA events on the stream, read once at the end of training: timing never makes
+    the host wait for the device, which would stall the queue of the next step's kernels (a small model's step is
+    as much launch work as GPU work). On the CPU, wall seconds."""
 
     def __init__(self):
         self.seconds: list[float] = []
         self.tokens: list[int] = []
         self.peak_gib: float | None = None
+        self._events: list[list] = []  # [start, end] CUDA events of each step (end None until the step ends)
         self._started, self._tokens_before = 0.0, 0
 
+    @staticmethod
+    def _on_gpu() -> bool:
+        return torch.cuda.is_available() and torch.cuda.is_initialized()
+
     def on_train_begin(self, args, state, control, **kwargs):
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if self._on_gpu():
             torch.cuda.reset_peak_memory_stats()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        _synchronize()
-        self._started, self._tokens_before = time.perf_counter(), state.num_input_tokens_seen
+        self._tokens_before = state.num_input_tokens_seen
+        if self._on_gpu():
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events.append([start, None])
+        else:
+            self._started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        _synchronize()
-        self.seconds.append(time.perf_counter() - self._started)
+        if self._on_gpu():
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events[-1][1] = end
+        else:
+            self.seconds.append(time.perf_counter() - self._started)
         self.tokens.append(int(state.num_input_tokens_seen - self._tokens_before))
 
     def on_train_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if self._on_gpu():
+            torch.cuda.synchronize()
+            self.seconds += [start.elapsed_time(end) / 1000 for start, end in self._events if end is not None]
+            self._events = []
             self.peak_gib = torch.cuda.max_memory_allocated() / 2**30
 
     def summary(self) -> dict:
         return {"step_seconds": self.seconds, "step_tokens": self.tokens if any(self.tokens) else None,
                 "peak_gpu_memory_gib": self.peak_gib}
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()

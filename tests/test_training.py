@@ -179,3 +179,41 @@ def test_task_ids_do_not_outlive_their_batch(tiny_model_dir, multitask_records, 
     assert gates and all(m.task_ids is None for m in gates)
     with torch.no_grad():  # a batch of another size runs (stale ids of the training batch would not broadcast)
         model(input_ids=torch.ones(3, 5, dtype=torch.long))
+
+
+def test_step_times_on_a_gpu_never_wait_for_the_device(monkeypatch):
+    """Step timing on a GPU uses CUDA events read once at the end: a per-step synchronize would stall the
+    queue of the next step's kernels. (Fakes stand in for the CUDA calls on this CPU machine.)"""
+    from types import SimpleNamespace
+
+    from mtlora.trainer import StepTimes
+
+    clock = {"now": 0.0, "syncs": 0}
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            self.at = None
+
+        def record(self):
+            self.at = clock["now"]
+
+        def elapsed_time(self, end):  # milliseconds, like torch.cuda.Event
+            return 1000 * (end.at - self.at)
+
+    monkeypatch.setattr(StepTimes, "_on_gpu", staticmethod(lambda: True))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: clock.update(syncs=clock["syncs"] + 1))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    times, state = StepTimes(), SimpleNamespace(num_input_tokens_seen=0)
+    times.on_train_begin(None, state, None)
+    for duration in (0.5, 0.25):
+        times.on_step_begin(None, state, None)
+        clock["now"] += duration
+        state.num_input_tokens_seen += 100
+        times.on_step_end(None, state, None)
+    times.on_step_begin(None, state, None)  # a step that never ended (training stopped) is not counted
+    assert clock["syncs"] == 0
+    times.on_train_end(None, state, None)
+    assert clock["syncs"] == 1 and times.summary() == {"step_seconds": [0.5, 0.25], "step_tokens": [100, 100],
+                                                        "peak_gpu_memory_gib": 3.0}
