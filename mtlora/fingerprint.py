@@ -42,7 +42,8 @@ def data_fingerprint(path: str | Path | None) -> str | None:
     if path is None:
         return None
     path = Path(path).resolve()
-    stamp = max(p.stat().st_mtime_ns for p in path.rglob("*")) if path.is_dir() else path.stat().st_mtime_ns
+    stamp = (max((p.stat().st_mtime_ns for p in path.rglob("*")), default=path.stat().st_mtime_ns) if path.is_dir()
+             else path.stat().st_mtime_ns)
     return _data_fingerprint(str(path), stamp)
 
 

@@ -90,11 +90,13 @@ def test_task_count_tracks_give_every_task_the_same_examples(tmp_path, monkeypat
                for t in ("a", "b", "c", "d") for i in range(6 if t != "c" else 3)]
     data = tmp_path / "pool.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    scale = replace(SCALES["small"], tracks=(Track("pool", str(data), ("heldout",), 2, 1.0, heldout_data=str(data)),),
+    scale = replace(SCALES["small"], tracks=(Track("pool", str(data), ("heldout", "lm_eval"), 2, 1.0,
+                                                   heldout_data=str(data), harness_rows=("baseline",)),),
                     task_counts=(1, 3), task_count_examples=4)
     settings = RunSettings(None, 1, tmp_path / "r", ".", ".", False)
     tracks = task_count_tracks(scale, settings)
     assert [t.name for t in tracks] == ["tasks1", "tasks3"]
+    assert all(t.suites == ("heldout",) and t.harness_rows == () for t in tracks)  # held-out only at every N
     three = [json.loads(line) for line in Path(tracks[1].train_data).read_text().splitlines()]
     assert sorted({r["task_type"] for r in three}) == ["a", "b", "d"]  # c has too few examples
     assert all(sum(r["task_type"] == t for r in three) == 4 for t in ("a", "b", "d"))
@@ -239,3 +241,28 @@ def test_a_job_s_gpu_is_taken_from_the_gpus_the_runner_sees(monkeypatch):
     assert [visible_gpu(0), visible_gpu(1)] == ["1", "3"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert visible_gpu(1) == "1"
+
+
+def test_lm_eval_s_mmlu_and_bbh_run_for_the_harness_rows_at_the_first_seed(tmp_path):
+    from mtlora.experiments.results import METRICS
+
+    data = write_multitask_records(tmp_path / "train.jsonl")
+    track = Track("toy", str(data), ("heldout", "lm_eval"), 2, 1.0, heldout_data=str(data), harness_rows=("mtlora",))
+    scale = replace(SCALES["small"], tracks=(track,))
+    settings = RunSettings(None, 1, tmp_path / "r", str(tmp_path / "bbh"), str(tmp_path / "mmlu"), False, seeds=(7, 8))
+    rows = {r.key: r for r in TABLES["main_ablation"].rows}
+    suites = {(key, seed): Job(settings, scale, TABLES["main_ablation"], track, rows[key], seed).suites
+              for key in ("baseline", "mtlora") for seed in (7, 8)}
+    assert suites[("mtlora", 7)] == ("heldout", "lm_eval", "lm_eval_mmlu_bbh")
+    assert suites[("mtlora", 8)] == suites[("baseline", 7)] == ("heldout", "lm_eval")
+    for folder in ("bbh", "mmlu"):
+        (tmp_path / folder).mkdir()
+    identity = Job(settings, scale, TABLES["main_ablation"], track, rows["mtlora"], 7).eval_identity("lm_eval_mmlu_bbh")
+    assert len(identity["data"]) == 2  # both data folders: a change to either invalidates the suite
+
+    run = tmp_path / "run"
+    (run / "eval" / "lm_eval_mmlu_bbh").mkdir(parents=True)
+    (run / "eval" / "lm_eval_mmlu_bbh" / "summary.json").write_text(json.dumps({"groups": {
+        "mmlu": {"acc,none": 0.31}, "bbh_fewshot": {"exact_match,remove_whitespace": 0.12}}}))
+    metrics = {m.name: m for m in METRICS}
+    assert metrics["lm_eval_mmlu"].average(run) == 0.31 and metrics["lm_eval_bbh"].average(run) == 0.12

@@ -27,8 +27,11 @@ from mtlora.loading import load_model_for_eval
 from mtlora.trainer import write_progress
 from mtlora.training_data import read_instruction_records
 
-SUITES = ("heldout", "bbh", "mmlu", "lm_eval")
+SUITES = ("heldout", "bbh", "mmlu", "lm_eval", "lm_eval_mmlu_bbh")
 LM_EVAL_TASKS = ("mmlu_continuation",)  # the lm_eval suite: lm-evaluation-harness's cloze MMLU, run by lm-eval itself
+# The lm_eval_mmlu_bbh suite: the field's MMLU (letters by log-likelihood) and BBH (bbh_fewshot), run by lm-eval; it
+# costs more, so the small scale runs it for a few rows at one seed (Scale.harness_rows).
+LM_EVAL_MMLU_BBH_TASKS = ("mmlu", "bbh_fewshot")
 # lm-eval takes a log-softmax over the whole vocabulary for every position of a batch (batch x length x vocabulary
 # float32: 24 GB at batch 256 with SmolLM2's 49,152 tokens), so its batch is capped below the other suites'.
 LM_EVAL_MAX_BATCH = 32
@@ -41,9 +44,16 @@ def suite_dir(run_dir: str | Path, suite: str) -> Path:
     return Path(run_dir) / "eval" / suite
 
 
-def eval_identity(suite: str, data: str | Path, limit: int | None, uniform_routing: bool) -> dict:
+def suite_data(heldout_data: str | None, bbh_dir: str | None, mmlu_dir: str | None) -> dict:
+    """The data each suite reads: a path, or (MMLU, BBH) for lm_eval_mmlu_bbh."""
+    return {"heldout": heldout_data, "bbh": bbh_dir, "mmlu": mmlu_dir, "lm_eval": mmlu_dir,
+            "lm_eval_mmlu_bbh": (mmlu_dir, bbh_dir)}
+
+
+def eval_identity(suite: str, data: str | Path | tuple, limit: int | None, uniform_routing: bool) -> dict:
     """What a suite's scores depend on besides the adapter."""
-    return {"suite": suite, "data": data_fingerprint(data), "limit": limit, "uniform_routing": uniform_routing,
+    fingerprint = [data_fingerprint(p) for p in data] if isinstance(data, tuple) else data_fingerprint(data)
+    return {"suite": suite, "data": fingerprint, "limit": limit, "uniform_routing": uniform_routing,
             "results_version": RESULTS_VERSION}
 
 
@@ -97,11 +107,15 @@ def evaluate_run(run_dir: str | Path, suites: list[str], model_name_or_path: str
         elif suite == "mmlu":
             summary = run_mmlu(model, tokenizer, data["mmlu"], limit=limits.get("mmlu"), batch_size=batch_size,
                                output_dir=out, metadata=metadata)
-        else:
+        elif suite == "lm_eval":
             summary = run_harness(model, tokenizer, LM_EVAL_TASKS, mmlu_dir=data["lm_eval"],
                                   limit=limits.get("lm_eval"), batch_size=min(batch_size, LM_EVAL_MAX_BATCH),
-                                  output_dir=out,
-                                  metadata=metadata)
+                                  output_dir=out, metadata=metadata)
+        else:
+            mmlu_dir, bbh_dir = data["lm_eval_mmlu_bbh"]
+            summary = run_harness(model, tokenizer, LM_EVAL_MMLU_BBH_TASKS, mmlu_dir=mmlu_dir, bbh_dir=bbh_dir,
+                                  limit=limits.get("lm_eval_mmlu_bbh"), batch_size=min(batch_size, LM_EVAL_MAX_BATCH),
+                                  output_dir=out, metadata=metadata)
         write_json(out / "timing.json", {"seconds": time.perf_counter() - started, "items": summary.get("num_examples")})
         write_json(out / "identity.json", identities[suite])
 
@@ -132,11 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(suites) - set(SUITES)
     if unknown:
         parser.error(f"--suites: unknown {sorted(unknown)}; expected some of {', '.join(SUITES)}")
-    data = {"heldout": args.heldout_data, "bbh": args.bbh_dir, "mmlu": args.mmlu_dir, "lm_eval": args.mmlu_dir}
+    data = suite_data(args.heldout_data, args.bbh_dir, args.mmlu_dir)
+    flags = {"heldout_data": args.heldout_data, "bbh_dir": args.bbh_dir, "mmlu_dir": args.mmlu_dir}
     for suite in suites:
-        if not data[suite] or not Path(data[suite]).exists():
-            flag = {"heldout": "heldout_data", "lm_eval": "mmlu_dir"}.get(suite, f"{suite}_dir")
-            parser.error(f"--{flag}: needed for suite {suite}, got {data[suite]!r}")
+        for path in data[suite] if isinstance(data[suite], tuple) else (data[suite],):
+            if not path or not Path(path).exists():
+                flag = next(f for f, value in flags.items() if value == path)
+                parser.error(f"--{flag}: needed for suite {suite}, got {path!r}")
     evaluate_run(args.run_dir, suites, args.model_name_or_path, args.lora_checkpoint, data,
                  {s: getattr(args, f"{s}_limit") for s in SUITES}, args.batch_size, args.device,
                  getattr(torch, args.dtype), args.uniform_routing, args.random_init, args.tokenizer_name_or_path)

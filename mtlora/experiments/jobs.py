@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from mtlora.experiments.dry_run import DryRun
-from mtlora.experiments.evaluate import eval_identity
+from mtlora.experiments.evaluate import eval_identity, suite_data
 from mtlora.experiments.memory_plan import MicroBatch, choose_micro_batch
 from mtlora.experiments.registry import Row, Scale, Table, Track
 from mtlora.fingerprint import RESULTS_VERSION, data_fingerprint, digest, model_fingerprint
@@ -118,9 +118,15 @@ class Job:
 
     def eval_identity(self, suite: str) -> dict:
         """What a suite's scores depend on besides the adapter (the evaluator writes the same next to them)."""
-        data = {"heldout": self.track.heldout_data, "bbh": self.settings.bbh_dir, "mmlu": self.settings.mmlu_dir,
-                "lm_eval": self.settings.mmlu_dir}
+        data = suite_data(self.track.heldout_data, self.settings.bbh_dir, self.settings.mmlu_dir)
         return eval_identity(suite, data[suite], self.scale.eval_limits.get(suite), self.kind == "uniform")
+
+    @property
+    def suites(self) -> tuple[str, ...]:
+        """The track's suites, plus lm-eval's MMLU and BBH for the track's harness rows at the first seed."""
+        extra = ("lm_eval_mmlu_bbh",) if (self.row.key in self.track.harness_rows
+                                          and self.seed == self.settings.seeds[0]) else ()
+        return self.track.suites + extra
 
     # -------------------------------------------------------------------------------------- commands
 
@@ -140,7 +146,7 @@ class Job:
         return self.launcher() + [str(REPO_ROOT / "train.py")] + as_cli(settings)
 
     def evaluation_command(self, lora_checkpoint: Path | None, model_name_or_path: str | None) -> list[str]:
-        suites = self.track.suites
+        suites = self.suites
         flags = {"run_dir": self.run_dir, "suites": ",".join(suites), "model_name_or_path": model_name_or_path,
                  "lora_checkpoint": lora_checkpoint, "heldout_data": self.track.heldout_data,
                  "bbh_dir": self.settings.bbh_dir, "mmlu_dir": self.settings.mmlu_dir,

