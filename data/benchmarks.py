@@ -10,7 +10,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from data.sources import DataSourceError, load_hub_dataset, require_hub, write_json
+from data.sources import DataSourceError, load_hub_dataset, require_hub
+from mtlora.evaluation.reporting import write_json
 from mtlora.evaluation.bbh import BBH_TASKS, load_bbh_task
 from mtlora.evaluation.mmlu import CSV_HEADER, LETTERS, SUBJECT_CATEGORY, load_mmlu_csv
 

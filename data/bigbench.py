@@ -19,7 +19,8 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from data.sources import DataSourceError, write_json, write_jsonl
+from data.sources import DataSourceError
+from mtlora.evaluation.reporting import write_json, write_jsonl
 
 TASKS_DIR = "benchmark_tasks"
 # The BIG-bench tasks BBH was built from (folder names in bigbench==1.0.0).

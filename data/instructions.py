@@ -12,7 +12,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from data.sources import DataSourceError, load_hub_dataset, read_json_records, require_hub, write_json, write_jsonl
+from data.sources import DataSourceError, load_hub_dataset, read_json_records, require_hub
+from mtlora.evaluation.reporting import write_json, write_jsonl
 
 FLAN_HUB = "Muennighoff/flan"
 DOLLY_HUB = "databricks/databricks-dolly-15k"

@@ -87,17 +87,3 @@ def _object(where: str, value) -> tuple[str, dict]:
     return where, value
 
 
-def write_jsonl(path: str | Path, records: list[dict]) -> None:
-    """One JSON object per line, UTF-8, parent folders created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def write_json(path: str | Path, payload) -> None:
-    """Indented UTF-8 JSON, parent folders created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.sources import DataSourceError, write_json, write_jsonl
+from data.sources import DataSourceError
+from mtlora.evaluation.reporting import write_json, write_jsonl
 from mtlora.prompts import encode_prompt
 
 QUANTILES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)

@@ -1,4 +1,5 @@
-"""Small helpers shared by the evaluators: means, JSON files and Markdown tables."""
+"""Small helpers shared by the evaluators, the experiments and data preparation: means, JSON / JSONL files and
+Markdown tables."""
 
 from __future__ import annotations
 
@@ -17,6 +18,23 @@ def write_json(path: str | Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_jsonl(path: str | Path, records: Sequence[dict]) -> None:
+    """One JSON object per line, UTF-8, parent folders created; an identical file is left alone (rewriting it
+    would only touch its mtime, which the data fingerprints' cache watches)."""
+    path = Path(path)
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def read_json(path: str | Path) -> dict | None:
+    """The JSON file at ``path``, or None when there is none."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

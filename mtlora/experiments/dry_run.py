@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mtlora.evaluation.bbh import NUM_EXEMPLARS, build_bbh_prompt, load_bbh
 from mtlora.evaluation.mmlu import load_mmlu
-from mtlora.evaluation.reporting import markdown_table
+from mtlora.evaluation.reporting import markdown_table, read_json, write_jsonl
 
 LABEL = "dry run: timings only, accuracy meaningless"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -107,10 +107,7 @@ def write_synthetic(path: Path, dry_run: DryRun) -> Path:
 
     records = synthetic_records(load_tokenizer(dry_run.tokenizer, "--tokenizer_name_or_path"), dry_run.examples,
                                 seed=dry_run.seed)
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
+    write_jsonl(path, records)
     return path
 
 
@@ -162,7 +159,7 @@ def job_timing(job, full_items: dict[str, int]) -> dict:
     dry_run = job.settings.dry_run
     files = sorted(job.run_dir.glob("*/train_summary.json")) if job.kind == "library" else [
         job.run_dir / "train_summary.json"]
-    summaries = [s for s in map(_read, files) if s is not None]
+    summaries = [s for s in map(read_json, files) if s is not None]
     result = {"key": job.row.key, "label": job.row.label, "track": job.track.name, "seed": job.seed,
               "kind": job.kind, "micro_batch": job.training.get("per_device_train_batch_size"),
               "accumulation": job.training.get("gradient_accumulation_steps"),
@@ -177,7 +174,7 @@ def job_timing(job, full_items: dict[str, int]) -> dict:
     train = None if steps is None or result["s_per_step"] is None else steps * result["s_per_step"]
     evaluation = 0.0
     for suite in job.track.suites if job.kind != "library" else ():
-        timing = _read(job.run_dir / "eval" / suite / "timing.json") or {}
+        timing = read_json(job.run_dir / "eval" / suite / "timing.json") or {}
         speed = timing["items"] / timing["seconds"] if timing.get("seconds") else None
         result[f"{suite}_questions_per_s"], result[f"{suite}_full_items"] = speed, full_items.get(suite)
         evaluation = None if evaluation is None or not speed or not full_items.get(suite) else (
@@ -185,9 +182,6 @@ def job_timing(job, full_items: dict[str, int]) -> dict:
     result["projected_hours"] = None if train is None or evaluation is None else (train + evaluation) / 3600
     return result
 
-
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _fmt(value, digits: int = 3) -> str:

