@@ -244,7 +244,7 @@ def test_a_job_s_gpu_is_taken_from_the_gpus_the_runner_sees(monkeypatch):
 
 
 def test_lm_eval_s_mmlu_and_bbh_run_for_the_harness_rows_at_the_first_seed(tmp_path):
-    from mtlora.experiments.results import METRICS
+    from mtlora.experiments.results import METRICS, collect
 
     data = write_multitask_records(tmp_path / "train.jsonl")
     track = Track("toy", str(data), ("heldout", "lm_eval"), 2, 1.0, heldout_data=str(data), harness_rows=("mtlora",))
@@ -260,9 +260,14 @@ def test_lm_eval_s_mmlu_and_bbh_run_for_the_harness_rows_at_the_first_seed(tmp_p
     identity = Job(settings, scale, TABLES["main_ablation"], track, rows["mtlora"], 7).eval_identity("lm_eval_mmlu_bbh")
     assert len(identity["data"]) == 2  # both data folders: a change to either invalidates the suite
 
-    run = tmp_path / "run"
-    (run / "eval" / "lm_eval_mmlu_bbh").mkdir(parents=True)
-    (run / "eval" / "lm_eval_mmlu_bbh" / "summary.json").write_text(json.dumps({"groups": {
-        "mmlu": {"acc,none": 0.31}, "bbh_fewshot": {"exact_match,remove_whitespace": 0.12}}}))
+    jobs = {key: Job(settings, scale, TABLES["main_ablation"], track, rows[key], 7) for key in ("baseline", "mtlora")}
+    for job in jobs.values():
+        (job.run_dir / "eval" / "lm_eval_mmlu_bbh").mkdir(parents=True)
+        (job.run_dir / "eval" / "lm_eval_mmlu_bbh" / "summary.json").write_text(json.dumps({"groups": {
+            "mmlu": {"acc,none": 0.31}, "bbh_fewshot": {"exact_match,remove_whitespace": 0.12}}}))
+    run = jobs["mtlora"].run_dir
     metrics = {m.name: m for m in METRICS}
     assert metrics["lm_eval_mmlu"].average(run) == 0.31 and metrics["lm_eval_bbh"].average(run) == 0.12
+    collected = {key: collect(job) for key, job in jobs.items()}  # the table reads it for the harness rows only
+    assert collected["mtlora"]["lm_eval_mmlu"] == 0.31 and collected["mtlora"]["lm_eval_bbh"] == 0.12
+    assert "lm_eval_mmlu" not in collected["baseline"]

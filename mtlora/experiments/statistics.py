@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 
 NEGLIGIBLE = 0.005  # +-0.5 points: a difference inside this band is "not supported" even when it is real
+VERDICT_RULE = (f"supported: the 95% interval of the paired difference is above 0; not supported: below 0 or inside "
+                f"+-{100 * NEGLIGIBLE:.1f} points; inconclusive otherwise")
 BOOTSTRAP_SAMPLES = 2000
 
 
