@@ -145,6 +145,13 @@ def resolve_tokenizer_source(name_or_path: str | None, flag: str = "--model_name
     return folder, gguf_file
 
 
+def tokenizer_source(model_name_or_path: str | None, tokenizer_name_or_path: str | None = None) -> tuple[str | None, str]:
+    """(where a run's tokenizer comes from, the flag that says so): --tokenizer_name_or_path, else the model's."""
+    if tokenizer_name_or_path is not None:
+        return tokenizer_name_or_path, "--tokenizer_name_or_path"
+    return model_name_or_path, "--model_name_or_path"
+
+
 def load_tokenizer(model_name_or_path: str | None = None, flag: str = "--model_name_or_path") -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token (the unk token when there is one, as the reference pads with unk); from a model
     source, or a local folder holding only tokenizer files."""
@@ -191,8 +198,7 @@ def load_model_for_eval(model_name_or_path: str | None = None, lora_checkpoint: 
     if lora_checkpoint:
         load_adapter(model, lora_checkpoint)
     model.eval()
-    tokenizer = load_tokenizer(tokenizer_name_or_path or model_name_or_path,
-                               "--tokenizer_name_or_path" if tokenizer_name_or_path else "--model_name_or_path")
+    tokenizer = load_tokenizer(*tokenizer_source(model_name_or_path, tokenizer_name_or_path))
     if random_init and len(tokenizer) > model.config.vocab_size:
         tokenizer = ModuloTokenizer(tokenizer, model.config.vocab_size)
     return model, tokenizer

@@ -20,7 +20,7 @@ from mtlora.errors import InvalidInput, MissingInput
 from mtlora.injection import attach_adapters, detach_adapters, find_decoder_layers
 from mtlora.library import resolve_lora_checkpoints
 from mtlora.loading import (RANDOM_INIT_SEED, build_meta_model, has_tokenizer, is_config_only, load_base_model,
-                            load_tokenizer, resolve_model_source, resolve_tokenizer_source)
+                            load_tokenizer, resolve_model_source, resolve_tokenizer_source, tokenizer_source)
 from mtlora.losses import AuxiliaryLosses
 from mtlora.params import count_parameters, format_parameter_count
 from mtlora.run_folder import (TRAIN_SUMMARY, check_resume_checkpoint, claim_output_dir, last_valid_checkpoint,
@@ -70,9 +70,8 @@ def deepspeed_config(training_args: AdapterTrainingArguments) -> dict | None:
         raise InvalidInput(f"--deepspeed {config}:{err.lineno}: invalid JSON ({err.msg})") from None
 
 
-def deepspeed_zero_stage(training_args: AdapterTrainingArguments) -> int | None:
-    """The ZeRO stage of --deepspeed, or None without DeepSpeed."""
-    config = deepspeed_config(training_args)
+def zero_stage(config: dict | None) -> int | None:
+    """The ZeRO stage of a DeepSpeed config, or None without one."""
     return None if config is None else config.get("zero_optimization", {}).get("stage", 0)
 
 
@@ -99,7 +98,7 @@ def check_distributed_support(aux_losses: AuxiliaryLosses, training_args: Adapte
             "schedule come from train.py's flags (--optim, --learning_rate, --weight_decay, --lr_scheduler_type, "
             "--warmup_steps), so that a DeepSpeed run trains like a DDP one; a DeepSpeed scheduler would replace "
             "the schedule, and DeepSpeed's optimizers are compiled on first use")
-    if aux_losses.enable_spectral_reg and config.get("zero_optimization", {}).get("stage", 0) == 3:
+    if aux_losses.enable_spectral_reg and zero_stage(config) == 3:
         raise InvalidInput("--enable_spectral_reg needs every expert matrix whole on each rank, which ZeRO-3 "
                            f"partitions ({source}): use configs/ds_zero2.json or plain DDP")
     if "WORLD_SIZE" not in os.environ and not mpi_available():
@@ -199,15 +198,7 @@ def check_model_source(model_args: ModelArguments) -> None:
     if model_args.tokenizer_name_or_path is None and config_only and not has_tokenizer(folder):
         raise InvalidInput(f"--random_init with the config-only folder {folder} needs --tokenizer_name_or_path "
                            "(any LLaMA-family tokenizer, e.g. configs/models/smollm2-135m)")
-    tokenizer, flag = tokenizer_source(model_args)
-    resolve_tokenizer_source(tokenizer, flag)
-
-
-def tokenizer_source(model_args: ModelArguments) -> tuple[str | None, str]:
-    """(where the run's tokenizer comes from, the flag that says so)."""
-    if model_args.tokenizer_name_or_path is not None:
-        return model_args.tokenizer_name_or_path, "--tokenizer_name_or_path"
-    return model_args.model_name_or_path, "--model_name_or_path"
+    resolve_tokenizer_source(*tokenizer_source(model_args.model_name_or_path, model_args.tokenizer_name_or_path))
 
 
 def training_run_identity(model_args: ModelArguments, data_args: DataArguments, adapter_config: AdapterConfig,
@@ -223,7 +214,7 @@ def training_run_identity(model_args: ModelArguments, data_args: DataArguments, 
 
 
 def load_run_tokenizer(model_args: ModelArguments):
-    return load_tokenizer(*tokenizer_source(model_args))
+    return load_tokenizer(*tokenizer_source(model_args.model_name_or_path, model_args.tokenizer_name_or_path))
 
 
 def load_model(model_args: ModelArguments, training_args: AdapterTrainingArguments):
@@ -234,7 +225,7 @@ def load_model(model_args: ModelArguments, training_args: AdapterTrainingArgumen
     if model_args.random_init:
         return load_base_model(model_args.model_name_or_path, dtype=dtype, device=training_args.device,
                                random_init=True)
-    if deepspeed_zero_stage(training_args) != 3:
+    if zero_stage(deepspeed_config(training_args)) != 3:
         return load_base_model(model_args.model_name_or_path, dtype=dtype)
     import deepspeed
 
@@ -293,7 +284,7 @@ def check_vocabulary(dataset: InstructionDataset, vocab_size: int, model_args: M
     """Every token id must index the model's embedding (a tokenizer from --tokenizer_name_or_path may be larger)."""
     largest = max(max(example["input_ids"]) for example in dataset.examples)
     if largest >= vocab_size:
-        source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+        source, _ = tokenizer_source(model_args.model_name_or_path, model_args.tokenizer_name_or_path)
         raise InvalidInput(f"the training data has token id {largest}, outside the model's vocabulary of {vocab_size}: "
                            f"the tokenizer ({source}) does not fit --model_name_or_path {model_args.model_name_or_path}"
                            " (a dry run's synthetic data keeps to ids below the vocabulary: data/prepare.py synthetic)")

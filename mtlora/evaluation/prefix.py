@@ -5,7 +5,7 @@ token space (the longest common prefix of the prompts' token ids, so tokenisatio
 once with batch 1, and its per-layer keys and values are broadcast over the rows of each batch, which
 only run their own suffix. Attention sees the same keys at the same positions as in a full forward pass;
 the adapters of this package act per token, so they see the same inputs too. MoLE's gates pool over the
-whole prompt, so models carrying them always run whole prompts (:func:`shares_prefixes`).
+whole prompt, so models carrying them always run whole prompts (:func:`rows_are_independent`).
 
 Without a prefix (``prefix=[]``) the runner does ordinary left-padded forward passes.
 """
