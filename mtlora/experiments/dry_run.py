@@ -164,8 +164,7 @@ def job_timing(job, full_items: dict[str, int]) -> dict:
               "kind": job.kind, "micro_batch": job.training.get("per_device_train_batch_size"),
               "accumulation": job.training.get("gradient_accumulation_steps"),
               **train_timing(summaries, dry_run.warmup_steps)}
-    effective = job.row.effective_batch_size or job.scale.effective_batch_size
-    steps = full_steps(job.track.examples, effective, job.training.get("num_train_epochs", 1))
+    steps = full_steps(job.track.examples, job.effective_batch, job.training.get("num_train_epochs", 1))
     if job.kind in ("base", "uniform"):
         steps, result["s_per_step"] = 0, 0.0
     if job.row.training.get("max_steps"):
@@ -173,7 +172,7 @@ def job_timing(job, full_items: dict[str, int]) -> dict:
     result["full_steps"] = steps
     train = None if steps is None or result["s_per_step"] is None else steps * result["s_per_step"]
     evaluation = 0.0
-    for suite in job.track.suites if job.kind != "library" else ():
+    for suite in job.suites if job.kind != "library" else ():
         timing = read_json(job.run_dir / "eval" / suite / "timing.json") or {}
         speed = timing["items"] / timing["seconds"] if timing.get("seconds") else None
         result[f"{suite}_questions_per_s"], result[f"{suite}_full_items"] = speed, full_items.get(suite)
@@ -181,7 +180,6 @@ def job_timing(job, full_items: dict[str, int]) -> dict:
             evaluation + full_items[suite] / speed)
     result["projected_hours"] = None if train is None or evaluation is None else (train + evaluation) / 3600
     return result
-
 
 
 def _fmt(value, digits: int = 3) -> str:
