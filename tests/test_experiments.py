@@ -271,3 +271,14 @@ def test_lm_eval_s_mmlu_and_bbh_run_for_the_harness_rows_at_the_first_seed(tmp_p
     collected = {key: collect(job) for key, job in jobs.items()}  # the table reads it for the harness rows only
     assert collected["mtlora"]["lm_eval_mmlu"] == 0.31 and collected["mtlora"]["lm_eval_bbh"] == 0.12
     assert "lm_eval_mmlu" not in collected["baseline"]
+
+
+def test_the_evaluator_names_the_missing_data_flag_of_each_suite(tmp_path, capsys):
+    from mtlora.experiments.evaluate import main as evaluate_main
+
+    (tmp_path / "mmlu").mkdir()
+    for suites, given, flag in (("lm_eval_mmlu_bbh", ["--mmlu_dir", str(tmp_path / "mmlu")], "--bbh_dir"),
+                                ("lm_eval_mmlu_bbh", [], "--mmlu_dir"), ("heldout", [], "--heldout_data")):
+        with pytest.raises(SystemExit):
+            evaluate_main(["--run_dir", str(tmp_path / "run"), "--suites", suites, *given])
+        assert f"{flag}: needed for suite {suites}, got None" in capsys.readouterr().err

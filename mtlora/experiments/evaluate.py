@@ -10,7 +10,6 @@ evaluated again.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from mtlora.evaluation.bbh import run_bbh
 from mtlora.evaluation.harness import run_harness
 from mtlora.evaluation.heldout import evaluate_heldout
 from mtlora.evaluation.mmlu import run_mmlu
-from mtlora.evaluation.reporting import write_json
+from mtlora.evaluation.reporting import read_json, write_json
 from mtlora.fingerprint import RESULTS_VERSION, data_fingerprint
 from mtlora.injection import routed_adapters
 from mtlora.loading import load_model_for_eval
@@ -30,7 +29,7 @@ from mtlora.training_data import read_instruction_records
 SUITES = ("heldout", "bbh", "mmlu", "lm_eval", "lm_eval_mmlu_bbh")
 LM_EVAL_TASKS = ("mmlu_continuation",)  # the lm_eval suite: lm-evaluation-harness's cloze MMLU, run by lm-eval itself
 # The lm_eval_mmlu_bbh suite: the field's MMLU (letters by log-likelihood) and BBH (bbh_fewshot), run by lm-eval; it
-# costs more, so the small scale runs it for a few rows at one seed (Scale.harness_rows).
+# costs more, so the small scale runs it for a few rows at one seed (Track.harness_rows).
 LM_EVAL_MMLU_BBH_TASKS = ("mmlu", "bbh_fewshot")
 # lm-eval takes a log-softmax over the whole vocabulary for every position of a batch (batch x length x vocabulary
 # float32: 24 GB at batch 256 with SmolLM2's 49,152 tokens), so its batch is capped below the other suites'.
@@ -44,10 +43,16 @@ def suite_dir(run_dir: str | Path, suite: str) -> Path:
     return Path(run_dir) / "eval" / suite
 
 
+# The flags naming the data each suite reads.
+SUITE_DATA_FLAGS = {"heldout": ("heldout_data",), "bbh": ("bbh_dir",), "mmlu": ("mmlu_dir",), "lm_eval": ("mmlu_dir",),
+                    "lm_eval_mmlu_bbh": ("mmlu_dir", "bbh_dir")}
+
+
 def suite_data(heldout_data: str | None, bbh_dir: str | None, mmlu_dir: str | None) -> dict:
     """The data each suite reads: a path, or (MMLU, BBH) for lm_eval_mmlu_bbh."""
-    return {"heldout": heldout_data, "bbh": bbh_dir, "mmlu": mmlu_dir, "lm_eval": mmlu_dir,
-            "lm_eval_mmlu_bbh": (mmlu_dir, bbh_dir)}
+    values = {"heldout_data": heldout_data, "bbh_dir": bbh_dir, "mmlu_dir": mmlu_dir}
+    return {suite: values[flags[0]] if len(flags) == 1 else tuple(values[f] for f in flags)
+            for suite, flags in SUITE_DATA_FLAGS.items()}
 
 
 def eval_identity(suite: str, data: str | Path | tuple, limit: int | None, uniform_routing: bool) -> dict:
@@ -62,8 +67,7 @@ def pending_suites(run_dir: str | Path, identities: dict[str, dict]) -> list[str
     pending = []
     for suite, identity in identities.items():
         folder = suite_dir(run_dir, suite)
-        recorded = folder / "identity.json"
-        if not (folder / "summary.json").is_file() or not recorded.is_file() or json.loads(recorded.read_text()) != identity:
+        if not (folder / "summary.json").is_file() or read_json(folder / "identity.json") != identity:
             pending.append(suite)
     return pending
 
@@ -146,13 +150,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(suites) - set(SUITES)
     if unknown:
         parser.error(f"--suites: unknown {sorted(unknown)}; expected some of {', '.join(SUITES)}")
-    data = suite_data(args.heldout_data, args.bbh_dir, args.mmlu_dir)
-    flags = {"heldout_data": args.heldout_data, "bbh_dir": args.bbh_dir, "mmlu_dir": args.mmlu_dir}
     for suite in suites:
-        for path in data[suite] if isinstance(data[suite], tuple) else (data[suite],):
+        for flag in SUITE_DATA_FLAGS[suite]:
+            path = getattr(args, flag)
             if not path or not Path(path).exists():
-                flag = next(f for f, value in flags.items() if value == path)
                 parser.error(f"--{flag}: needed for suite {suite}, got {path!r}")
+    data = suite_data(args.heldout_data, args.bbh_dir, args.mmlu_dir)
     evaluate_run(args.run_dir, suites, args.model_name_or_path, args.lora_checkpoint, data,
                  {s: getattr(args, f"{s}_limit") for s in SUITES}, args.batch_size, args.device,
                  getattr(torch, args.dtype), args.uniform_routing, args.random_init, args.tokenizer_name_or_path)
