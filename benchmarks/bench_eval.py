@@ -43,7 +43,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer, GenerationConfig
 
-from benchmarks.bench_adapters import FULL, QUICK, TINY_MODEL, attach, build_model
+from benchmarks.bench_adapters import FULL, QUICK, TINY_MODEL, attach, build_model, synchronize
 from mtlora.evaluation.batching import eos_token_ids, next_token_scores, pad_token_id, truncate_left
 from mtlora.evaluation.bbh import NUM_EXEMPLARS, build_bbh_prompt, load_bbh, run_bbh, score_bbh_task
 from mtlora.evaluation.mmlu import (fit_prompt, format_header, letter_token_ids, load_mmlu, run_mmlu, score_subject)
@@ -83,11 +83,6 @@ def load_model(name: str, quick: bool, device: torch.device, dtype: torch.dtype,
     torch.manual_seed(0)
     attach(model, "mtlora", sizes)
     return model.eval(), tokenizer
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable, device: torch.device):

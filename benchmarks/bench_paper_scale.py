@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import json
 import re
 import shutil
@@ -49,7 +48,7 @@ from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 
-from benchmarks.bench_adapters import set_checkpointing, train_step_fn
+from benchmarks.bench_adapters import free_memory, set_checkpointing, synchronize, train_step_fn
 from data.synthetic import BIGBENCH_POOL, synthetic_records
 from mtlora.evaluation.bbh import run_bbh
 from mtlora.evaluation.cli import default_data_dir
@@ -186,17 +185,6 @@ def prepare_inputs(ctx: Context) -> None:
 
 
 # -------------------------------------------------------------------------------------------- measuring
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
 
 class ExpertMix(TrainerCallback):
     """Switch the attached adapters to the per-expert loop once training starts (after they are attached)."""
