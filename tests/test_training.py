@@ -217,3 +217,58 @@ def test_step_times_on_a_gpu_never_wait_for_the_device(monkeypatch):
     times.on_train_end(None, state, None)
     assert clock["syncs"] == 1 and times.summary() == {"step_seconds": [0.5, 0.25], "step_tokens": [100, 100],
                                                         "peak_gpu_memory_gib": 3.0}
+
+
+@pytest.mark.parametrize("averaging", ["micro_batch", "tokens"])
+def test_loss_averaging_over_accumulated_micro_batches(averaging, tiny_model_dir, tokenizer, tmp_path):
+    """--loss_averaging micro_batch (the reference's transformers 4.36): the step's loss is the mean of each
+    micro-batch's token mean; tokens: the token mean over the whole accumulated batch. Two records of very
+    different lengths, one per micro-batch, two accumulation steps: the logged first-step loss is one or the other."""
+    from mtlora.loading import load_base_model
+
+    records = [{"instruction": "Say yes.", "input": "", "output": "yes", "task_type": "a"},
+               {"instruction": "Count.", "input": "", "output": " ".join(str(i) for i in range(40)), "task_type": "a"}]
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    model = load_base_model(str(tiny_model_dir))  # the adapters start as the identity: step 1 sees the base model
+    dataset = InstructionDataset(read_instruction_records(data), tokenizer, max_seq_length=64)
+    means, sums, counts = [], [], []
+    with torch.no_grad():
+        for example in dataset.examples:
+            batch = PaddingCollator(tokenizer.pad_token_id)([example])
+            batch.pop("task_ids")
+            mean = model(**batch).loss.item()
+            count = int((batch["labels"][:, 1:] != -100).sum())
+            means.append(mean), sums.append(mean * count), counts.append(count)
+    expected = {"micro_batch": sum(means) / 2, "tokens": sum(sums) / sum(counts)}
+    assert abs(expected["micro_batch"] - expected["tokens"]) > 0.05  # the two forms are told apart
+    args = training_arguments(tiny_model_dir, data, tmp_path / averaging, adapter=adapter_config("lora"),
+                              losses=AuxiliaryLosses(), max_seq_length=64, max_steps=1, per_device_train_batch_size=1,
+                              gradient_accumulation_steps=2, loss_averaging=averaging, save_strategy="no")
+    summary = run_training(*args)
+    logged = next(entry["loss"] for entry in summary["log_history"] if "loss" in entry)
+    assert logged == pytest.approx(expected[averaging], abs=2e-3)
+
+
+@pytest.mark.parametrize("base_dtype, expected", [("auto", torch.bfloat16), ("float32", torch.float32),
+                                                  ("bfloat16", torch.bfloat16)])
+def test_base_dtype_with_bf16(base_dtype, expected, tiny_model_dir):
+    """--base_dtype auto (default) loads the base in bfloat16 under --bf16; float32 keeps it in float32 under bf16
+    autocast, as the reference runs loaded it."""
+    from types import SimpleNamespace
+
+    from mtlora.arguments import ModelArguments
+    from mtlora.training import load_model
+
+    model = load_model(ModelArguments(str(tiny_model_dir), base_dtype=base_dtype),
+                       SimpleNamespace(bf16=True, deepspeed=None, device="cpu"))
+    assert {p.dtype for p in model.parameters()} == {expected}
+
+
+def test_nan_inf_filter_is_off_by_default_and_can_be_set():
+    """The Trainer's per-micro-batch NaN/inf check of the logged loss (a host-device sync each micro-batch) is off
+    by default; --logging_nan_inf_filter true restores the Trainer's (and the reference runs') behaviour."""
+    from mtlora.train_cli import parse_arguments
+
+    assert parse_arguments(["--output_dir", "x"])[-1].logging_nan_inf_filter is False
+    assert parse_arguments(["--output_dir", "x", "--logging_nan_inf_filter", "true"])[-1].logging_nan_inf_filter is True
