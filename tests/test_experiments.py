@@ -96,7 +96,7 @@ def test_task_count_tracks_give_every_task_the_same_examples(tmp_path, monkeypat
     settings = RunSettings(None, 1, tmp_path / "r", ".", ".", False)
     tracks = task_count_tracks(scale, settings)
     assert [t.name for t in tracks] == ["tasks1", "tasks3"]
-    assert all(t.suites == ("heldout",) and t.harness_rows == () for t in tracks)  # held-out only at every N
+    assert all(t.suites == ("heldout", "lm_eval") and t.harness_rows == () for t in tracks)  # no harness rows
     three = [json.loads(line) for line in Path(tracks[1].train_data).read_text().splitlines()]
     assert sorted({r["task_type"] for r in three}) == ["a", "b", "d"]  # c has too few examples
     assert all(sum(r["task_type"] == t for r in three) == 4 for t in ("a", "b", "d"))
@@ -271,6 +271,30 @@ def test_lm_eval_s_mmlu_and_bbh_run_for_the_harness_rows_at_the_first_seed(tmp_p
     collected = {key: collect(job) for key, job in jobs.items()}  # the table reads it for the harness rows only
     assert collected["mtlora"]["lm_eval_mmlu"] == 0.31 and collected["mtlora"]["lm_eval_bbh"] == 0.12
     assert "lm_eval_mmlu" not in collected["baseline"]
+
+
+def test_a_table_reports_its_suites_and_a_shared_run_is_evaluated_on_all_of_them():
+    from mtlora.experiments.runner import shared_jobs
+
+    settings = RunSettings(None, 1, Path("/tmp/r"), ".", ".", True, seeds=(42, 43))
+    scale = SCALES["small"]
+    plan = {name: plan_jobs(TABLES[name], scale, list(scale.tracks), settings, list(TABLES[name].rows), False)
+            for name in ("main_ablation", "routing_granularity")}
+    by_row = {name: {(j.row.key, j.seed): j for j in jobs} for name, jobs in plan.items()}
+    assert by_row["routing_granularity"][("component_g2", 42)].suites == ("heldout", "bbh")  # Table 3: no MMLU
+    assert by_row["routing_granularity"][("baseline", 42)].suites == ("heldout", "bbh")
+    full = by_row["main_ablation"][("baseline", 42)].suites
+    assert full == ("heldout", "bbh", "mmlu", "lm_eval", "lm_eval_mmlu_bbh")
+    # at the paper scale the table keeps every suite of its tracks (BBH on Flan-v2, MMLU on Dolly)
+    paper = SCALES["paper"]
+    assert [Job(settings, paper, TABLES["routing_granularity"], t, TABLES["routing_granularity"].rows[1], 42).suites
+            for t in paper.tracks] == [("bbh",), ("mmlu",)]
+    # the baseline both tables plan runs once, on the union of their suites, whichever table comes first
+    for order in (("main_ablation", "routing_granularity"), ("routing_granularity", "main_ablation")):
+        jobs = shared_jobs([j for name in order for j in plan[name]])
+        baselines = [j for j in jobs if j.row.key == "baseline" and j.seed == 42]
+        assert len(baselines) == 1 and set(baselines[0].suites) == set(full)
+        assert len({j.run_dir for j in jobs}) == len(jobs)
 
 
 def test_the_evaluator_names_the_missing_data_flag_of_each_suite(tmp_path, capsys):

@@ -48,6 +48,7 @@ class Job:
     row: Row
     seed: int
     depends_on: "Job | None" = field(default=None, compare=False)  # the library a merge/LoRAHub/MoLE row uses
+    also_suites: tuple[str, ...] = ()  # suites other tables sharing this run folder report (the runner adds them)
 
     # ------------------------------------------------------------------------------------ what it runs
 
@@ -123,10 +124,13 @@ class Job:
 
     @property
     def suites(self) -> tuple[str, ...]:
-        """The track's suites, plus lm-eval's MMLU and BBH for the track's harness rows at the first seed."""
-        extra = ("lm_eval_mmlu_bbh",) if (self.row.key in self.track.harness_rows
-                                          and self.seed == self.settings.seeds[0]) else ()
-        return self.track.suites + extra
+        """The track's suites that the table reports, plus lm-eval's MMLU and BBH for the track's harness rows at
+        the first seed, plus those of other tables that share the run."""
+        reported = self.table.suites.get(self.scale.name)
+        suites = tuple(s for s in self.track.suites if reported is None or s in reported)
+        if self.row.key in self.track.harness_rows and self.seed == self.settings.seeds[0] and reported is None:
+            suites += ("lm_eval_mmlu_bbh",)
+        return tuple(dict.fromkeys(suites + self.also_suites))
 
     # -------------------------------------------------------------------------------------- commands
 

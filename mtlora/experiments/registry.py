@@ -17,6 +17,9 @@ BLOCK_FFN = {"enable_block_adapter": True, "block_adapter_type": "ffn"}
 SPECTRAL = {"enable_spectral_reg": True}
 
 
+HELDOUT_BBH = {"small": ("heldout", "bbh")}  # Tables 3, 4 and the scaling study at the small scale: no MMLU
+
+
 def groups(count: int) -> dict:
     """Fine-grained routing with ``count`` output groups per adapted module (G = d / g)."""
     return {"enable_fine_grained_routing": True, "routing_groups": count}
@@ -56,6 +59,8 @@ class Table:
     tracks: tuple[str, ...] | None = None  # only these tracks of the scale (None: all)
     task_counts: bool = False  # one training set per task count of the scale (the task-scaling study)
     training: dict = field(default_factory=dict)  # overrides of the scale's training settings for every row
+    suites: dict[str, tuple[str, ...]] = field(default_factory=dict)  # scale -> the track suites this table reports
+    # (a scale not named: all of them)
     note: str = ""
 
 
@@ -103,10 +108,10 @@ TABLES = {t.name: t for t in (
     Table("main_ablation", "Table 2: ablation of block-level adaptation, spectral regularisation and fine-grained "
           "routing", ABLATION_ROWS),
     Table("routing_granularity", "Table 3: routing granularity at the component level (q_proj, v_proj), g groups",
-          tuple(_component_groups(g) for g in (1, 2, 8, 16, 32)),
+          tuple(_component_groups(g) for g in (1, 2, 8, 16, 32)), suites=HELDOUT_BBH,
           note="The paper's form (its g = 1 row is the HydraLoRA baseline; its router sizes match 64 q/v modules)."),
     Table("routing_granularity_block", "Table 3, reference-script form: full mtLoRA at the block level, g groups",
-          tuple(_block_groups(g) for g in (1, 2, 8, 16, 32)),
+          tuple(_block_groups(g) for g in (1, 2, 8, 16, 32)), suites=HELDOUT_BBH,
           note="What the reference script tables/1_routing_granularity.sh runs: block-level FFN instead of q/v."),
     Table("block_level", "Table 4: where the adapter sits", (
         Row("baseline", "component level (q_proj, v_proj)", HYDRA, paper=HYDRALORA.paper),
@@ -118,7 +123,7 @@ TABLES = {t.name: t for t in (
         Row("block_both", "block level, attention + FFN", {**MTLORA, "enable_block_adapter": True,
                                                            "block_adapter_type": "both"},
             paper={"mmlu": 43.9, "bbh": 37.6, "params": "75.5M", "time": 0.85, "minutes": 80.3}),
-    )),
+    ), suites=HELDOUT_BBH),
     Table("main_results", "Table 5: mtLoRA against multi-task LoRA baselines (and the merge / MoLE baselines)", (
         Row("lora", "LoRA (one adapter, all tasks)", {"method": "lora"},
             paper={"difficulty": {"easy": 64.32, "medium": 37.82, "hard": 14.63, "overall": 34.38}}),
@@ -156,7 +161,7 @@ TABLES = {t.name: t for t in (
         Row("naive_average", "naive averaging (HydraLoRA, uniform routing 1/E)", HYDRA, kind="uniform"),
         HYDRALORA,
         MTLORA_ROW,
-    ), scales=("small",), task_counts=True, training={"num_train_epochs": 3},
+    ), scales=("small",), task_counts=True, training={"num_train_epochs": 3}, suites=HELDOUT_BBH,
         note="The same examples per task (and 3 epochs) at every task count. The paper's collapse rows (Table S3): "
              "a single LoRA against naive averaging (the HydraLoRA run's experts mixed uniformly)."),
 )}

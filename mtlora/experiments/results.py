@@ -124,10 +124,11 @@ def tabulate(table: Table, scale: Scale, settings: RunSettings, jobs: list[Job],
 
 
 def compare(row_jobs: list[Job], baseline_jobs: list[Job]) -> dict:
-    """Paired bootstrap of row - baseline for every metric both have, pairing seeds by their position; a seed
-    pair where either side lacks the metric's items is left out (the result's ``seeds`` counts the pairs used)."""
+    """Paired bootstrap of row - baseline for every metric of the table's suites both have, pairing seeds by their
+    position; a seed pair where either side lacks the metric's items is left out (the result's ``seeds`` counts the
+    pairs used)."""
     result = {}
-    for metric in METRICS:
+    for metric in (m for m in METRICS if row_jobs and m.suite in row_jobs[0].suites):
         pairs = []
         for row_job, base_job in zip(sorted(row_jobs, key=lambda j: j.seed), sorted(baseline_jobs, key=lambda j: j.seed)):
             row_items, base_items = metric.item_scores(row_job.run_dir), metric.item_scores(base_job.run_dir)

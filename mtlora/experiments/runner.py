@@ -58,7 +58,8 @@ def table_tracks(table: Table, scale: Scale, settings: RunSettings) -> list[Trac
 
 
 def task_count_tracks(scale: Scale, settings: RunSettings) -> list[Track]:
-    """Training sets of the first N tasks of the pool (same examples per task at every N), held-out eval only."""
+    """Training sets of the first N tasks of the pool (same examples per task at every N); the table picks their
+    suites (held-out and BBH at the small scale), without lm-eval's harness rows."""
     base = scale.tracks[0]
     train = read_instruction_records(base.train_data)
     heldout = read_instruction_records(base.heldout_data, "--heldout_data")  # keeps references
@@ -78,7 +79,7 @@ def task_count_tracks(scale: Scale, settings: RunSettings) -> list[Track]:
         write_jsonl(folder / "train.jsonl", [r for t in chosen for r in by_task[t][:per_task]])
         write_jsonl(folder / "eval.jsonl", [r for r in heldout if r["task_type"] in chosen])
         tracks.append(replace(base, name=f"tasks{count}", train_data=str(folder / "train.jsonl"),
-                              heldout_data=str(folder / "eval.jsonl"), suites=("heldout",), harness_rows=()))
+                              heldout_data=str(folder / "eval.jsonl"), harness_rows=()))
     return tracks
 
 
@@ -236,7 +237,7 @@ def run_jobs(jobs: list[Job], bar: tqdm, parallel: int) -> None:
     with ThreadPoolExecutor(parallel) as pool:
         while pending or running:
             free = sorted(set(range(parallel)) - {slot for slot, _ in running.values()})
-            for job in [j for j in pending if j.depends_on is None or id(j.depends_on) in finished][:len(free)]:
+            for job in [j for j in pending if j.depends_on is None or j.depends_on.run_dir in finished][:len(free)]:
                 slot = free.pop(0)
                 running[pool.submit(execute, job, bar, slot % gpus if gpus else None)] = (slot, job)
                 pending.remove(job)
@@ -244,7 +245,7 @@ def run_jobs(jobs: list[Job], bar: tqdm, parallel: int) -> None:
             for future in done:
                 _, job = running.pop(future)
                 future.result()  # a failed job stops the table (the running ones finish first)
-                finished.add(id(job))
+                finished.add(job.run_dir)
                 bar.update()
 
 
@@ -266,7 +267,7 @@ def run_tables(table_names: list[str], scale_name: str, settings: RunSettings, o
         check_inputs(table_settings, tracks)
         jobs = plan_jobs(table, scale, table_tracks(table, scale, table_settings), table_settings, rows, with_base)
         plans[name] = (scale, table_settings, jobs)
-    jobs = list({job.run_dir: job for _, _, plan in plans.values() for job in plan}.values())  # one per run folder
+    jobs = shared_jobs([job for _, _, plan in plans.values() for job in plan])
     report_micro_batches(jobs, settings)
     started = time.time()
     if not assemble_only:
@@ -274,6 +275,15 @@ def run_tables(table_names: list[str], scale_name: str, settings: RunSettings, o
             run_jobs(jobs, bar, parallel)
     return {name: write_table(TABLES[name], scale, table_settings, plan, started, len(settings.seeds))
             for name, (scale, table_settings, plan) in plans.items()}
+
+
+def shared_jobs(jobs: list[Job]) -> list[Job]:
+    """One job per run folder (two tables may plan the same run), evaluated on every suite any of them reports."""
+    merged: dict[Path, Job] = {}
+    for job in jobs:
+        seen = merged.get(job.run_dir)
+        merged[job.run_dir] = job if seen is None else replace(seen, also_suites=seen.also_suites + job.suites)
+    return list(merged.values())
 
 
 def write_table(table: Table, scale: Scale, settings: RunSettings, jobs: list[Job], started: float,
