@@ -75,3 +75,20 @@ def test_eval_benchmark_quick_run(tmp_path):
     assert all(a["decisions_equal"] == 1.0 and a.get("outputs_equal", 1.0) == 1.0 for a in saved["agreement"])
     assert len(saved["agreement"]) == 8 and set(saved["targets"]) == {
         "smollm2 bbh >= 150/s", "smollm2 mmlu >= 1500/s", "llama7b bbh >= 25/s"}
+
+
+def test_training_benchmark_runs_the_runner_s_command_for_each_row(tmp_path):
+    """bench_training.py on a tiny model on the CPU: every row trains the asked steps; no timing is asserted."""
+    from benchmarks import bench_training
+    from tests.helpers import write_multitask_records, write_tiny_model_folder
+
+    model = write_tiny_model_folder(tmp_path / "model")
+    data = write_multitask_records(tmp_path / "train.jsonl")
+    results = bench_training.main(["--model_name_or_path", model, "--data", str(data), "--rows", "lora", "mtlora",
+                                   "--steps", "2", "--output", str(tmp_path / "training.json")])
+    assert [r["row"] for r in results["rows"]] == ["lora", "mtlora"]
+    assert all(r["steps"] == 2 and r["wall_s"] > r["train_s"] > 0 for r in results["rows"])
+    assert results["rows"][0]["trainable_params"] < results["rows"][1]["trainable_params"]
+    assert "| mtlora | 2 |" in (tmp_path / "training.md").read_text()
+    with pytest.raises(SystemExit, match="--rows: naive_average is no trainable row"):
+        bench_training.main(["--rows", "naive_average", "--steps", "2"])
