@@ -163,6 +163,11 @@ def test_run_table_trains_every_seed_aggregates_and_resumes(tiny_setup):
     logs = {d: (d / "train.log").read_text() for d in run_dirs if (d / "train.log").is_file()}
     again = run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline", "mtlora"], parallel=2)
     assert {d: (d / "train.log").read_text() for d in logs} == logs and again["rows"] == output["rows"]
+    for run_dir in logs:  # results moved without their weights (scripts/pack_results.py) are finished too
+        for weights in run_dir.rglob("*.safetensors"):
+            weights.unlink()
+    moved = run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline", "mtlora"])
+    assert {d: (d / "train.log").read_text() for d in logs} == logs and moved["rows"] == output["rows"]
 
     # an evaluation made on other data is not reused; a killed run's evaluation is redone after retraining
     baseline_dir = next(Path(r["run_dir"]) for r in output["per_seed"] if r["key"] == "baseline")
@@ -295,6 +300,48 @@ def test_a_table_reports_its_suites_and_a_shared_run_is_evaluated_on_all_of_them
         baselines = [j for j in jobs if j.row.key == "baseline" and j.seed == 42]
         assert len(baselines) == 1 and set(baselines[0].suites) == set(full)
         assert len({j.run_dir for j in jobs}) == len(jobs)
+
+
+def test_runs_moved_without_weights_are_finished_unless_a_pending_job_reads_them(tmp_path):
+    """Packed results keep no weights: a trained, fully evaluated run is done; the HydraLoRA run that an unfinished
+    naive-averaging job reads must be trained again, and a library only while a dependent is unfinished."""
+    from mtlora.experiments.runner import finished_without_weights, weights_needed
+    from mtlora.evaluation.reporting import write_json
+
+    data = write_multitask_records(tmp_path / "train.jsonl")
+    track = Track("toy", str(data), ("heldout",), 2, 1.0, heldout_data=str(data))
+    scale = replace(SCALES["small"], tracks=(track,))
+    settings = RunSettings(None, 1, tmp_path / "r", ".", ".", False, seeds=(1, 2))
+    jobs = plan_jobs(TABLES["task_scaling"], scale, [track], settings, list(TABLES["task_scaling"].rows), False)
+    by_key = {(j.row.key, j.seed): j for j in jobs}
+
+    def finish(job, trained=True):
+        if trained:
+            write_json(job.run_dir / "train_summary.json", {"global_step": 1})
+        for suite in job.suites:
+            write_json(job.run_dir / "eval" / suite / "identity.json", job.eval_identity(suite))
+            write_json(job.run_dir / "eval" / suite / "summary.json", {})
+
+    for key in ("lora", "baseline", "mtlora"):
+        for seed in (1, 2):
+            finish(by_key[(key, seed)])
+    finish(by_key[("naive_average", 1)], trained=False)  # seed 2's naive averaging is still to do
+    needed = weights_needed(jobs)
+    assert needed == {by_key[("baseline", 2)].run_dir}
+    assert finished_without_weights(by_key[("baseline", 1)], needed)
+    assert not finished_without_weights(by_key[("baseline", 2)], needed)  # its weights are read: train again
+    assert finished_without_weights(by_key[("lora", 2)], needed)
+    assert not finished_without_weights(by_key[("naive_average", 2)], needed)
+    (by_key[("mtlora", 1)].run_dir / "train_summary.json").unlink()  # evaluated but never trained to the end
+    assert not finished_without_weights(by_key[("mtlora", 1)], needed)
+
+    library_jobs = plan_jobs(TABLES["main_results"], scale, [track], settings, [r for r in TABLES["main_results"].rows
+                                                                                 if r.key == "ties"], False)
+    library, ties = library_jobs[0], library_jobs[1]
+    assert library.kind == "library" and ties.depends_on is library
+    assert not finished_without_weights(library, weights_needed(library_jobs))
+    finish(ties, trained=False)
+    assert finished_without_weights(library, weights_needed(library_jobs))
 
 
 def test_the_evaluator_names_the_missing_data_flag_of_each_suite(tmp_path, capsys):

@@ -145,10 +145,35 @@ def visible_gpu(index: int) -> str:
     return visible[index] if index < len(visible) else str(index)
 
 
-def execute(job: Job, bar: tqdm, gpu: int | None = None) -> None:
+def pending(job: Job) -> list[str]:
+    """The job's suites still to evaluate."""
+    return pending_suites(job.run_dir, {suite: job.eval_identity(suite) for suite in job.suites})
+
+
+def weights_needed(jobs: list[Job]) -> set[Path]:
+    """Run folders whose weights a job still to do reads: the library of an unfinished merge, LoRAHub or MoLE job,
+    the HydraLoRA run of an unfinished naive-averaging job."""
+    return {j.depends_on.run_dir for j in jobs if j.depends_on is not None and pending(j)}
+
+
+def finished_without_weights(job: Job, needed: set[Path]) -> bool:
+    """A run trained and evaluated elsewhere whose weights were not kept (results moved without them, as
+    scripts/pack_results.py packs them): nothing is left to do unless another job needs its weights."""
+    if job.run_dir in needed:
+        return False
+    if job.kind == "library":
+        return True  # read by its dependents only, all finished
+    if job.kind in ("adapter", "mole") and not (job.run_dir / "train_summary.json").is_file():
+        return False
+    return job.kind in ("adapter", "mole", "merge", "lorahub") and not pending(job)
+
+
+def execute(job: Job, bar: tqdm, gpu: int | None = None, needed: frozenset = frozenset()) -> None:
     """Train (or merge / compose) one job unless finished, then evaluate its pending suites (on ``gpu``, when
-    given: the job's processes see that one GPU)."""
+    given: the job's processes see that one GPU). ``needed``: run folders whose weights other jobs still read."""
     env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": visible_gpu(gpu)}
+    if finished_without_weights(job, needed):
+        return
     with locked(job.run_dir):
         write_json(job.run_dir / "identity.json", job.identity)
         timings = read_json(job.run_dir / "timings.json") or {}
@@ -156,8 +181,7 @@ def execute(job: Job, bar: tqdm, gpu: int | None = None) -> None:
         if job.kind == "library":
             write_json(job.run_dir / "timings.json", timings)
             return
-        identities = {suite: job.eval_identity(suite) for suite in job.suites}
-        if pending_suites(job.run_dir, identities):
+        if pending(job):
             command = job.evaluation_command(checkpoint, model)
             timings["eval"] = timings.get("eval", 0.0) + run_step(command, job.run_dir / "eval.log", job.run_dir,
                                                                  bar, f"{job.row.key} s{job.seed}: evaluating", env)
@@ -226,10 +250,11 @@ def check_inputs(settings: RunSettings, tracks: list[Track], training_data: bool
 
 def run_jobs(jobs: list[Job], bar: tqdm, parallel: int) -> None:
     """Execute ``jobs``, up to ``parallel`` at once (each on one GPU, round robin), a job after its dependency."""
+    needed = frozenset(weights_needed(jobs))
     if parallel <= 1:
         for job in jobs:
             bar.set_postfix_str(f"{job.row.key} s{job.seed} on {job.track.name}", refresh=True)
-            execute(job, bar)
+            execute(job, bar, needed=needed)
             bar.update()
         return
     gpus = torch.cuda.device_count()
@@ -239,7 +264,7 @@ def run_jobs(jobs: list[Job], bar: tqdm, parallel: int) -> None:
             free = sorted(set(range(parallel)) - {slot for slot, _ in running.values()})
             for job in [j for j in pending if j.depends_on is None or j.depends_on.run_dir in finished][:len(free)]:
                 slot = free.pop(0)
-                running[pool.submit(execute, job, bar, slot % gpus if gpus else None)] = (slot, job)
+                running[pool.submit(execute, job, bar, slot % gpus if gpus else None, needed)] = (slot, job)
                 pending.remove(job)
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in done:
