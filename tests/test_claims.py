@@ -22,6 +22,9 @@ def test_one_claim_per_row_and_metric_with_the_paper_s_difference():
     assert lines == ["| Table 2 | mtLoRA vs HydraLoRA | BBH (paper protocol) | +3.0 (BBH) | +1.2 [+0.4, +2.0] | "
                      "3 x 6,430 items | **supported** |"]  # the base model's row is no claim
     assert "Table 2 (small scale): 12 GPU-minutes" in markdown
+    plain = table()  # Tables 3 and 4 give the paper's numbers without a std
+    plain["rows"][1]["paper"], plain["rows"][2]["paper"] = {"bbh": 35.5}, {"bbh": 37.0}
+    assert "| +1.5 (BBH) |" in claims.claims_markdown([plain])
 
 
 def test_the_readme_section_between_the_markers_is_replaced(tmp_path):

@@ -24,7 +24,12 @@ def paper_difference(row: dict, baseline: dict, metric: str) -> str:
     column = PAPER_COLUMN.get(metric)
     if column is None or column not in row["paper"] or column not in baseline["paper"]:
         return "—"
-    return f"{row['paper'][column][0] - baseline['paper'][column][0]:+.1f} ({column.upper()})"
+    return f"{paper_mean(row['paper'][column]) - paper_mean(baseline['paper'][column]):+.1f} ({column.upper()})"
+
+
+def paper_mean(value) -> float:
+    """A paper number: (mean, std) where the paper gives a std, else the number."""
+    return value[0] if isinstance(value, (list, tuple)) else value
 
 
 def claim_rows(table: dict) -> list[str]:

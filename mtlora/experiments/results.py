@@ -157,7 +157,7 @@ def render(table: Table, scale: Scale, output: dict) -> str:
     lines = []
     for row in output["rows"]:
         cells = [row["label"], _params(row["trainable_params"])]
-        cells += [format_mean_std(row[m.name]["mean"], row[m.name]["std"]) if m.name in row else "—" for m in metrics]
+        cells += [_cell(row, m.name, len(output["seeds"])) for m in metrics]
         cells += [_paper(row["paper"].get("bbh")), _paper(row["paper"].get("mmlu")), _versus(row.get("versus_baseline")),
                   f"{row['gpu_minutes']:.1f}", row["track"]]
         lines.append(cells)
@@ -167,6 +167,15 @@ def render(table: Table, scale: Scale, output: dict) -> str:
             + f"\n\nGPU-minutes for the table: {output['gpu_minutes']:.1f} on {output['device']}. "
             + f"Verdict rule: {output['verdict_rule']}.")
     return text + (f"\n\n{table.note}" if table.note else "")
+
+
+def _cell(row: dict, metric: str, seeds: int) -> str:
+    """mean +- std, with the number of seeds it rests on when a trained row has fewer than the table's."""
+    if metric not in row:
+        return "—"
+    text = format_mean_std(row[metric]["mean"], row[metric]["std"])
+    count = len(row[metric]["values"])
+    return text + (f" (n = {count})" if row["key"] != "base" and count < seeds else "")
 
 
 def _params(value) -> str:
