@@ -3,9 +3,9 @@
 # reference script's form), Table 4, the task-count scaling and the main results, full evaluations. A 135M model
 # leaves a large GPU mostly idle, so their jobs run as one pool, several at once, each on one GPU.
 # Usage: bash scripts/run_small_tables.sh [tables/run_table.py flags]
-# Environment: TABLES (default: all of the above), PARALLEL (default: 2 per GPU, the share at which a 141 GB card trains every row at the 32 x 1 micro-batch of
-# results/small_seeds), RESULTS_DIR (default
-# outputs/tables), PYTHON (default python).
+# Environment: TABLES (default: all of the above), PARALLEL (default: 2 per GPU, the share at which a 141 GB card
+# trains every row at the 32 x 1 micro-batch of results/small_seeds), RESULTS_DIR (default outputs/tables), PYTHON
+# (default python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

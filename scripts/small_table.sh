@@ -2,9 +2,8 @@
 # The main job on a fresh machine: install, prepare the data, run Table 2 (the ablation) at the small scale on
 # SmolLM2-135M, 3 seeds per row, 2 jobs at a time per GPU (a 135M model leaves a large GPU mostly idle; with more, a
 # 141 GB card's share would no longer fit HydraLoRA's 32 x 1 micro-batch, the split results/small_seeds used; smaller
-# cards train it at 16 x 2). BBH/MMLU are
-# read from data/processed/{bbh,mmlu} or ../shared/data; prepare them with `python data/prepare.py bbh` / `mmlu`
-# otherwise. Extra arguments go to tables/run_table.py.
+# cards train it at 16 x 2). BBH/MMLU are read from data/processed/{bbh,mmlu} or ../shared/data; prepare them with
+# `python data/prepare.py bbh` / `mmlu` otherwise. Extra arguments go to tables/run_table.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
