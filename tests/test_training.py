@@ -119,6 +119,31 @@ def test_a_folder_saved_from_the_gguf_model_loads_as_a_trainable_float_model(tmp
     assert getattr(model.config, "quantization_config", None) is None
 
 
+@requires_smollm2
+def test_a_gguf_file_is_converted_once_to_what_loading_it_gives(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtlora.loading import converted_gguf, default_model_path, load_base_model, load_tokenizer
+
+    monkeypatch.setenv("MTLORA_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = Path(default_model_path())
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    direct_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model, tokenizer = load_base_model(str(gguf)), load_tokenizer(str(gguf))
+    folder = Path(converted_gguf(str(gguf.parent), gguf.name))
+    assert folder.parent == tmp_path / "cache" / "gguf" and (folder / "model.safetensors").is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left behind
+    ours, theirs = model.state_dict(), direct.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    texts = ["Q: Is 7 prime?\nA:", " leading space", "<|im_start|>user\nhi<|im_end|>", "émoji 🚀\tx"]
+    assert [tokenizer(t).input_ids for t in texts] == [direct_tokenizer(t).input_ids for t in texts]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.chat_template) == (
+        direct_tokenizer.bos_token_id, direct_tokenizer.eos_token_id, direct_tokenizer.chat_template)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    load_base_model(str(gguf))  # read from the folder, not converted again
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
 def test_compiled_decoder_layers_match_eager_loss_and_gradients():
     from mtlora.losses import clear_routing_records
     from mtlora.training import compile_decoder_layers
