@@ -140,6 +140,37 @@ def test_component_level_scalar_routing_gives_every_expert_its_own_dropout_mask(
                                                       @ adapter.lora_B[i].t() for i in range(3)))
 
 
+def test_per_expert_masks_recomputed_in_backward_give_the_kept_masks_results_and_keep_e_times_less():
+    """The per-expert masked inputs are recomputed for the backward pass (the RNG state restored): outputs and
+    gradients equal computing them once and keeping them, bit for bit, and the E masked copies are not saved."""
+    adapter = RoutedLowRankAdapter(16, 8, rank=4, num_experts=3, scaling=2.0, dropout=0.5, dropout_per_expert=True)
+    torch.nn.init.normal_(adapter.lora_B)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+
+    def kept(tokens):  # the masked copies computed once and kept for backward
+        masked = adapter.dropout(tokens.reshape(-1, 16).expand(3, 10, 16))
+        code = (masked @ adapter.lora_A.t()).transpose(0, 1)
+        weights = adapter._routing_probabilities(tokens.reshape(-1, 16)) * adapter.scaling
+        return adapter.expert_mix(code, weights, adapter.lora_B).reshape(2, 5, 8)
+
+    results = []
+    for forward in (adapter.train(), kept):
+        torch.manual_seed(7)
+        out = forward(x)
+        out.square().sum().backward()
+        results.append([out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in adapter.parameters()])
+        x.grad = None
+        adapter.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            torch.manual_seed(7)
+            forward(x)
+        results[-1].append(max(saved))
+    recomputed, reference = results
+    assert all(torch.equal(a, b) for a, b in zip(recomputed[:-1], reference[:-1]))
+    assert reference[-1] == 3 * 10 * 16 and recomputed[-1] < reference[-1]  # no (E, N, d_in) tensor is saved
+
+
 @pytest.mark.parametrize("name, per_expert", [("hydralora", True), ("component-fgr", False), ("block-ffn", False)])
 def test_the_reference_draws_a_mask_per_expert_only_with_scalar_routing_at_the_component_level(name, per_expert):
     model = attach_adapters(tiny_llama(), adapter_config(name, lora_dropout=0.1))

@@ -9,13 +9,14 @@ planned from the model's shape, in bytes:
     activations   b x L x per-token bytes:
       with gradient checkpointing     2 x layers x d            the checkpointed input of every decoder layer
                                     + 2 x (11 d + 4 f)          one layer recomputed in the backward pass
-                                    + 2 x (a + c) + 3 x e       that layer's adapters (a: their input + output widths;
+                                    + 2 x (a + c)               that layer's adapters (a: their input + output widths;
                                                                 c: G x E x r of the routed ones, the routing-weighted
-                                                                code their expert mix keeps for its backward; e: E x
-                                                                input width of adapters with one dropout mask per
-                                                                expert, the reference's component level: each
-                                                                expert's masked bf16 input and its 1-byte mask)
-      without                         layers x (2 x (11 d + 4 f + a + c) + 3 x e)
+                                                                code their expert mix keeps for its backward)
+      without                         layers x 2 x (11 d + 4 f + a + c)
+      both                          + 3 x e                     e: E x input width of the widest adapter with one
+                                                                dropout mask per expert (the reference's component
+                                                                level): its masked bf16 copies and 1-byte masks,
+                                                                recomputed for one adapter at a time in the backward
       both                          + 12 x V                    logits (bf16), their float32 copy for the loss, its gradient
 
 with d the hidden size, f the MLP width and V the vocabulary. 11 d + 4 f is what a LLaMA layer keeps for its
@@ -75,7 +76,7 @@ class StepShape:
     vocab: int
     adapter_width: int  # sum over one decoder layer's adapters of input + output width
     family: str
-    expert_dropout_width: int = 0  # sum over one layer's adapters with one dropout mask per expert of E x input width
+    expert_dropout_width: int = 0  # E x input width of the widest adapter with one dropout mask per expert
     folded_width: int = 0  # sum over one layer's routed adapters of G x E x r (the routing-weighted code)
 
 
@@ -115,12 +116,13 @@ def _step_shape(model_name_or_path: str | None, flags_json: str) -> StepShape:
     layers = len(find_decoder_layers(model))
     adapters = adapter_modules(model).values()
     width = sum(m.in_features + m.out_features for m in adapters) // layers
-    expert_dropout = sum(m.num_experts * m.in_features for m in adapters if getattr(m, "dropout_per_expert", False))
+    expert_dropout = max((m.num_experts * m.in_features for m in adapters if getattr(m, "dropout_per_expert", False)),
+                         default=0)
     folded = sum(m.num_groups * m.num_experts * m.rank for m in adapters if hasattr(m, "num_groups"))
     key = (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size)
     return StepShape(SHAPES.get(key), total - trainable, trainable, config.hidden_size, config.intermediate_size,
                      config.num_hidden_layers, config.vocab_size, width,
-                     "block" if flags.get("enable_block_adapter") else "component", expert_dropout // layers,
+                     "block" if flags.get("enable_block_adapter") else "component", expert_dropout,
                      folded // layers)
 
 
@@ -132,11 +134,12 @@ def step_shape(model_name_or_path: str | None, flags: dict) -> StepShape:
 def formula_peak_gib(shape: StepShape, micro_batch: int, seq_len: int, checkpointing: bool) -> float:
     """The module docstring's formula."""
     layer = 11 * shape.hidden + 4 * shape.intermediate
-    adapters = 2 * (shape.adapter_width + shape.folded_width) + 3 * shape.expert_dropout_width
+    adapters = 2 * (shape.adapter_width + shape.folded_width)
     if checkpointing:
         per_token = 2 * shape.layers * shape.hidden + 2 * layer + adapters
     else:
         per_token = shape.layers * (2 * layer + adapters)
+    per_token += 3 * shape.expert_dropout_width  # one adapter's masked copies, recomputed in the backward pass
     per_token += 12 * shape.vocab
     fixed = 2 * shape.base_params + 16 * shape.trainable_params
     return (fixed + micro_batch * seq_len * per_token) / GIB
