@@ -87,6 +87,24 @@ def test_shared_prefix_scores_and_generations_equal_each_prompt_alone(adapted, s
         assert generated[index] == IdTokenizer().decode(tokens)
 
 
+def test_generation_writes_each_step_s_keys_in_place():
+    from mtlora.evaluation.prefix import PreallocatedLayer
+
+    prefix_keys, prefix_values = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    layer = PreallocatedLayer(6, prefix_keys, prefix_values, rows=2)
+    buffer = layer.key_buffer.data_ptr()
+    step = torch.randn(2, 2, 1, 4)
+    keys, values = layer.update(step, -step)
+    assert keys.shape == (2, 2, 4, 4) and layer.get_seq_length() == 4
+    assert layer.key_buffer.data_ptr() == buffer  # no copy of the cache per step
+    assert torch.equal(keys[:, :, :3], prefix_keys.expand(2, -1, -1, -1)) and torch.equal(keys[:, :, 3:], step)
+    assert torch.equal(values[:, :, 3:], -step)
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.keys, keys[1:]) and torch.equal(layer.values, values[1:])
+    with pytest.raises(RuntimeError, match="KV cache of 6 positions is full"):
+        layer.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+
+
 def test_stop_strings_end_rows_early_and_cut_the_text(adapted):
     prompts, groups = shared_prefix_prompts(seed=1)
     full = generate_batched(adapted, IdTokenizer(), prompts, max_new_tokens=8, batch_size=4, groups=groups)

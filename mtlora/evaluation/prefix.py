@@ -7,7 +7,8 @@ only run their own suffix. Attention sees the same keys at the same positions as
 the adapters of this package act per token, so they see the same inputs too. MoLE's gates pool over the
 whole prompt, so models carrying them always run whole prompts (:func:`rows_are_independent`).
 
-Without a prefix (``prefix=[]``) the runner does ordinary left-padded forward passes.
+Without a prefix (``prefix=[]``) the runner does ordinary left-padded forward passes. Generation keeps its keys and
+values in buffers allocated once per batch (:class:`PreallocatedLayer`), written in place at every step.
 """
 
 from __future__ import annotations
@@ -78,6 +79,52 @@ class SharedPrefixLayer(DynamicLayer):
                 torch.cat([self.values.expand(rows, -1, -1, -1), value_states], dim=-2))
 
 
+class PreallocatedLayer(DynamicLayer):
+    """One layer's keys/values in buffers allocated once for a whole generation, (rows, heads, capacity, dim): each
+    forward writes its new keys and values in place and attention reads a view of the filled part.
+
+    A DynamicLayer concatenates instead, copying the whole cache at every decoding step: at LLaMA-2-7B shape, batch 64
+    and 1,000-token prompts about 33 GB per step, more than the weights the step reads. ``keys`` / ``values``: a
+    shared prefix (1, heads, length, dim), written into every row's buffer.
+    """
+
+    def __init__(self, capacity: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                 rows: int = 1):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+        if keys is not None:
+            self.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions is full ({end} needed)")
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        return self._views()
+
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self._views()
+
+
 class PrefixRunner:
     """Runs batches of suffixes after one shared ``prefix`` (token ids; may be empty).
 
@@ -104,38 +151,43 @@ class PrefixRunner:
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _cache(self, rows: int, stored: bool) -> DynamicCache | None:
-        """A cache holding the prefix for ``rows`` rows: stored (generation) or joined per layer (scoring)."""
-        if not self.prefix:
-            return DynamicCache(config=self.model.config) if stored else None
-        if stored:
-            expanded = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.prefix_kv()]
-            return DynamicCache(ddp_cache_data=expanded, config=self.model.config)
+    def _cache(self, rows: int, capacity: int | None) -> DynamicCache | None:
+        """A cache holding the prefix for ``rows`` rows: in buffers of ``capacity`` positions (generation), or, with
+        ``capacity`` None, joined to each layer's new keys without being stored (scoring)."""
+        if capacity is None and not self.prefix:
+            return None
         cache = DynamicCache(config=self.model.config)
-        cache.layers = [SharedPrefixLayer(k, v) for k, v in self.prefix_kv()]
+        if capacity is None:
+            cache.layers = [SharedPrefixLayer(k, v) for k, v in self.prefix_kv()]
+        elif self.prefix:
+            cache.layers = [PreallocatedLayer(capacity, k, v, rows) for k, v in self.prefix_kv()]
+        else:
+            cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
         return cache
 
     # ---------------------------------------------------------------------------------- forward passes
-    def _first_pass(self, suffixes: Sequence[Sequence[int]], pad_id: int, stored: bool):
-        """Run the left-padded suffixes: (last logits (rows, vocab) float32, cache, mask, last positions)."""
+    def _first_pass(self, suffixes: Sequence[Sequence[int]], pad_id: int, new_tokens: int | None = None):
+        """Run the left-padded suffixes: (last logits (rows, vocab) float32, cache, mask, last positions). With
+        ``new_tokens`` (generation) the cache keeps room for that many more positions."""
         device = self.model.device
         input_ids, suffix_mask = left_pad(suffixes, pad_id)
         offset = len(self.prefix)
         mask = torch.cat([torch.ones(len(suffixes), offset, dtype=torch.long), suffix_mask], dim=1).to(device)
         positions = (position_ids_from_mask(suffix_mask) + offset).to(device)
-        cache = self._cache(len(suffixes), stored)
+        capacity = None if new_tokens is None else offset + input_ids.shape[1] + new_tokens
+        cache = self._cache(len(suffixes), capacity)
         logits = self.model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions,
                             use_cache=cache is not None, logits_to_keep=1, **{self.cache_kw: cache}).logits
         return logits[:, -1, :].float(), cache, mask, positions[:, -1]
 
     def last_logits(self, suffixes: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
         """(rows, vocab) float32 next-token logits after prefix + each suffix."""
-        return self._first_pass(suffixes, pad_id, stored=False)[0]
+        return self._first_pass(suffixes, pad_id)[0]
 
     def greedy(self, suffixes: Sequence[Sequence[int]], pad_id: int, max_new_tokens: int, eos_ids: set[int],
                ended: Callable[[list[int]], bool]) -> list[list[int]]:
         """Greedy new tokens per row, up to (excluding) EOS, or until ``ended(tokens)``."""
-        logits, cache, mask, last_position = self._first_pass(suffixes, pad_id, stored=True)
+        logits, cache, mask, last_position = self._first_pass(suffixes, pad_id, max_new_tokens)
         new_tokens: list[list[int]] = [[] for _ in suffixes]
         finished: set[int] = set()
         active = list(range(len(suffixes)))  # rows of ``suffixes`` in the batch, in batch order
