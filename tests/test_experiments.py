@@ -81,8 +81,13 @@ def test_plan_puts_a_row_s_dependencies_first_and_runs_the_base_once():
         if job.depends_on is not None:
             assert jobs.index(job.depends_on) < jobs.index(job)
             assert job.depends_on.kind == "library" and job.depends_on.seed == job.seed
-    assert {j.row.key for j in jobs if j.row.needs_library} == {"task_arithmetic", "ties", "dare_linear", "dare_ties",
-                                                                 "lorahub", "mole"}
+    assert {j.row.key for j in jobs if j.row.needs_library} == {
+        "task_arithmetic", "ties", "dare_linear", "dare_ties", "task_arithmetic_tuned", "ties_tuned",
+        "dare_linear_tuned", "dare_ties_tuned", "lorahub", "mole"}
+    # the paper scale's Flan-v2 track has no held-out split to tune on: its tuned merges are left out
+    paper = SCALES["paper"]
+    paper_jobs = plan_jobs(table, paper, list(paper.tracks), settings, list(table.rows), with_base=False)
+    assert not any(j.kind == "merge_tuned" for j in paper_jobs) and any(j.kind == "merge" for j in paper_jobs)
 
 
 def test_task_count_tracks_give_every_task_the_same_examples(tmp_path, monkeypatch):
@@ -188,6 +193,29 @@ def test_run_table_trains_every_seed_aggregates_and_resumes(tiny_setup):
     partial = run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline", "mtlora"], assemble_only=True)
     versus = next(r for r in partial["rows"] if r["key"] == "mtlora")["versus_baseline"]
     assert versus["heldout"]["seeds"] == 1 and versus["bbh"]["seeds"] == 2
+
+
+@pytest.mark.slow
+def test_a_tuned_merge_keeps_the_grid_point_best_on_held_out(tiny_setup, monkeypatch):
+    """The main table's merge rows end to end on a tiny model: the per-task library, the authors' default merge and
+    the tuned one, which scores every grid point on the held-out split and keeps the best (never a test benchmark)."""
+    from mtlora import merging
+
+    monkeypatch.setitem(TABLES, "main_results", replace(TABLES["main_results"], scales=("tiny",)))
+    monkeypatch.setitem(merging.GRIDS, "task_arithmetic", {"weight": (0.4, 3.0), "density": (None,)})
+    settings = replace(tiny_setup, seeds=(1,))
+    output = run_table("main_results", "tiny", settings, only_rows=["task_arithmetic", "task_arithmetic_tuned"],
+                       with_base=False)
+    per_seed = {r["key"]: r for r in output["per_seed"]}
+    tuning = per_seed["task_arithmetic_tuned"]["merge_tuning"]
+    assert set(tuning["scores"]) == {"task_arithmetic_l0.4", "task_arithmetic_l3"} and tuning["selected_on"] == "heldout"
+    assert tuning["chosen"] == max(tuning["scores"], key=lambda k: tuning["scores"][k])
+    tuned = Path(per_seed["task_arithmetic_tuned"]["run_dir"])
+    assert (tuned / "merged" / "config.json").is_file() and not list((tuned / "grid").glob("*/merged"))
+    chosen = json.loads((tuned / "merged" / "merge_summary.json").read_text())
+    assert chosen["lambda"] == tuning["lambda"]
+    assert all(per_seed[k]["heldout"] is not None and per_seed[k]["bbh"] is not None for k in per_seed)
+    assert Path(per_seed["task_arithmetic"]["run_dir"]) != tuned
 
 
 def test_missing_training_data_is_reported_with_the_prepare_command(tiny_setup, tmp_path):

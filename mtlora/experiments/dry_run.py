@@ -28,7 +28,7 @@ from mtlora.evaluation.reporting import markdown_table, read_json, write_jsonl
 LABEL = "dry run: timings only, accuracy meaningless"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = REPO_ROOT / "configs" / "models" / "smollm2-135m"  # a LLaMA-family (SentencePiece-free) tokenizer
-SKIPPED_KINDS = ("merge", "lorahub")
+SKIPPED_KINDS = ("merge", "merge_tuned", "lorahub")
 
 
 @dataclass(frozen=True)

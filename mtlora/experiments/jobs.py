@@ -106,6 +106,8 @@ class Job:
                             train_data=data_fingerprint(self.track.train_data))
         if self.depends_on is not None:
             identity["library"] = self.depends_on.identity
+        if self.kind == "merge_tuned":
+            identity["grid"] = [spec.name for spec in self.merge_grid()]
         if self.settings.dry_run is not None:
             identity["dry_run"] = self.settings.dry_run.identity()
         return identity
@@ -149,9 +151,17 @@ class Job:
                     "resume_from_checkpoint": "last", "logging_steps": 10}
         return self.launcher() + [str(REPO_ROOT / "train.py")] + as_cli(settings)
 
-    def evaluation_command(self, lora_checkpoint: Path | None, model_name_or_path: str | None) -> list[str]:
-        suites = self.suites
-        flags = {"run_dir": self.run_dir, "suites": ",".join(suites), "model_name_or_path": model_name_or_path,
+    def merge_grid(self) -> list:
+        """A tuned merge row's grid (DARE's points at this job's seed)."""
+        from mtlora.merging import merge_grid
+
+        return merge_grid(self.row.flags["method"], seeds=(self.seed,))
+
+    def evaluation_command(self, lora_checkpoint: Path | None, model_name_or_path: str | None,
+                           suites: tuple[str, ...] | None = None, run_dir: Path | None = None) -> list[str]:
+        """The evaluator on the job's suites (or ``suites``), writing under its run folder (or ``run_dir``)."""
+        suites = suites or self.suites
+        flags = {"run_dir": run_dir or self.run_dir, "suites": ",".join(suites), "model_name_or_path": model_name_or_path,
                  "lora_checkpoint": lora_checkpoint, "heldout_data": self.track.heldout_data,
                  "bbh_dir": self.settings.bbh_dir, "mmlu_dir": self.settings.mmlu_dir,
                  "batch_size": self.scale.eval_batch_size, "uniform_routing": self.kind == "uniform",

@@ -30,7 +30,9 @@ class Row:
     """One table row.
 
     ``kind``: ``adapter`` (train.py), ``base`` (no adapter), ``lorahub`` (compose the task library),
-    ``merge`` (merge the task library into the weights: ``flags`` holds merge_loras.py's flags), ``mole``
+    ``merge`` (merge the task library into the weights: ``flags`` holds merge_loras.py's flags), ``merge_tuned``
+    (the same, at the point of the method's small grid, ``mtlora.merging.GRIDS``, that scores best on the track's
+    held-out split of the training tasks, never on a test benchmark), ``mole``
     (train MoLE gates over the task library), ``uniform`` (the baseline row's adapter evaluated with
     uniform routing 1/E: naive averaging of its experts). ``paper``: {"mmlu", "bbh": (mean, std) or mean, "params",
     "time" (relative to HydraLoRA), "minutes", ...}.
@@ -46,7 +48,7 @@ class Row:
 
     @property
     def needs_library(self) -> bool:
-        return self.kind in ("lorahub", "merge", "mole")
+        return self.kind in ("lorahub", "merge", "merge_tuned", "mole")
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,8 @@ def _block_groups(count: int) -> Row:
     return Row(key, f"mtLoRA (block level), g = {count}", {**MTLORA, **BLOCK_FFN, **SPECTRAL, **groups(count)})
 
 
-def _merge(key: str, label: str, method: str, **settings) -> Row:
-    return Row(key, label, {"method": method, **settings}, kind="merge")
+def _merge(key: str, label: str, method: str, tuned: bool = False) -> Row:
+    return Row(key, label, {"method": method}, kind="merge_tuned" if tuned else "merge")
 
 
 TABLES = {t.name: t for t in (
@@ -131,6 +133,10 @@ TABLES = {t.name: t for t in (
         _merge("ties", "TIES (density 0.2, lambda 1)", "ties"),
         _merge("dare_linear", "DARE + TA (p 0.2, lambda 1)", "dare_linear"),
         _merge("dare_ties", "DARE + TIES (p 0.2, lambda 1)", "dare_ties"),
+        _merge("task_arithmetic_tuned", "Task arithmetic (lambda tuned on held-out)", "task_arithmetic", tuned=True),
+        _merge("ties_tuned", "TIES (density, lambda tuned on held-out)", "ties", tuned=True),
+        _merge("dare_linear_tuned", "DARE + TA (p, lambda tuned on held-out)", "dare_linear", tuned=True),
+        _merge("dare_ties_tuned", "DARE + TIES (p, lambda tuned on held-out)", "dare_ties", tuned=True),
         Row("lorahub", "LoRAHub", kind="lorahub", paper={"mmlu": (42.0, 0.3), "bbh": (34.9, 0.4)}),
         Row("mole", "MoLE (gates over the task LoRAs)", kind="mole", effective_batch_size=12,
             training={"learning_rate": 1e-5, "max_steps": 800, "per_device_train_batch_size": 12}),

@@ -92,7 +92,8 @@ def collect(job: Job) -> dict:
     return {"key": job.row.key, "label": job.row.label, "track": job.track.name, "seed": job.seed,
             "run_dir": str(job.run_dir), "trainable_params": train.get("trainable_params"),
             "train_seconds": train.get("train_seconds"), "gpu_minutes": seconds * job.settings.num_gpus / 60,
-            **{m.name: m.average(job.run_dir) for m in METRICS if m.suite in job.suites}}
+            **{m.name: m.average(job.run_dir) for m in METRICS if m.suite in job.suites},
+            **({"merge_tuning": read_json(job.run_dir / "tuning.json")} if job.kind == "merge_tuned" else {})}
 
 
 def tabulate(table: Table, scale: Scale, settings: RunSettings, jobs: list[Job], libraries: list[Job]) -> dict:

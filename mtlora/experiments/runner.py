@@ -94,8 +94,11 @@ def plan_jobs(table: Table, scale: Scale, tracks: list[Track], settings: RunSett
     for track in tracks:
         if with_base:
             add(Job(settings, scale, table, track, BASE, settings.seeds[0]))
+        untunable = [r.key for r in rows if r.kind == "merge_tuned" and track.heldout_data is None]
+        if untunable:
+            print(f"track {track.name} has no held-out split to tune merges on: rows {', '.join(untunable)} left out")
         for seed in settings.seeds:
-            for row in rows:
+            for row in (r for r in rows if r.key not in untunable):
                 depends_on = None
                 if row.needs_library:
                     depends_on = add(Job(settings, scale, table, track, LIBRARY, seed))
@@ -165,7 +168,7 @@ def finished_without_weights(job: Job, needed: set[Path]) -> bool:
         return True  # read by its dependents only, all finished
     if job.kind in ("adapter", "mole") and not (job.run_dir / "train_summary.json").is_file():
         return False
-    return job.kind in ("adapter", "mole", "merge", "lorahub") and not pending(job)
+    return job.kind in ("adapter", "mole", "merge", "merge_tuned", "lorahub") and not pending(job)
 
 
 def execute(job: Job, bar: tqdm, gpu: int | None = None, needed: frozenset = frozenset()) -> None:
@@ -209,14 +212,16 @@ def _produce(job: Job, bar: tqdm, timings: dict, env: dict | None) -> tuple[Path
             job.launcher()[0], str(REPO_ROOT / "compose_lorahub.py"), "--lora_checkpoints", ",".join(job.library_sample()),
             "--fewshot_from_bbh", job.settings.bbh_dir, "--seed", str(job.seed), "--output_dir", str(run_dir),
             *as_cli(job.model_flags())]
+    elif job.kind == "merge_tuned":
+        merged = run_dir / "merged"
+        if not (merged / "config.json").is_file():
+            timings["produce"] = timings.get("produce", 0.0) + tune_merge(job, bar, env)
+        return None, str(merged)
     else:  # merge
         merged = run_dir / "merged"
         if not (merged / "config.json").is_file():
             seed = {"seed": job.seed} if job.row.flags["method"].startswith("dare") else {}
-            command = [job.launcher()[0], str(REPO_ROOT / "merge_loras.py"), "--lora_checkpoints",
-                       str(job.depends_on.run_dir), "--output_dir", str(merged),
-                       *as_cli({**job.row.flags, **seed, **job.model_flags()})]
-            timings["produce"] = run_step(command, run_dir / "merge.log", run_dir, bar, f"{phase}: merging", env)
+            timings["produce"] = merge(job, {**job.row.flags, **seed}, merged, bar, env)
         return None, str(merged)
     if command is not None:
         if job.kind != "library":
@@ -225,6 +230,45 @@ def _produce(job: Job, bar: tqdm, timings: dict, env: dict | None) -> tuple[Path
                                                                    f"{phase}: training", env)
     return run_dir, model
 
+
+
+def merge(job: Job, flags: dict, output_dir: Path, bar: tqdm, env: dict | None) -> float:
+    """merge_loras.py of the job's library with ``flags`` into ``output_dir``; returns its seconds."""
+    command = [job.launcher()[0], str(REPO_ROOT / "merge_loras.py"), "--lora_checkpoints", str(job.depends_on.run_dir),
+               "--output_dir", str(output_dir), *as_cli({**flags, **job.model_flags()})]
+    return run_step(command, job.run_dir / "merge.log", job.run_dir, bar, f"{job.row.key} s{job.seed}: merging", env)
+
+
+def tune_merge(job: Job, bar: tqdm, env: dict | None) -> float:
+    """Merge at every point of the row's grid, score each on the held-out split, keep the best as ``merged``.
+
+    Each point's scores stay in ``grid/<point>/`` (an interrupted search resumes), its weights only while it is the
+    best so far; ``tuning.json`` records every point's held-out score and the choice (the first of equal bests, in
+    grid order). Returns the seconds spent."""
+    from mtlora.experiments.results import METRICS
+
+    heldout = next(m for m in METRICS if m.name == "heldout")
+    seconds, scores = 0.0, {}
+    for spec in job.merge_grid():
+        point = job.run_dir / "grid" / spec.name
+        if heldout.average(point) is None:
+            flags = {"method": spec.method, "lambda": spec.weight, "density": spec.density, "seed": spec.seed}
+            seconds += merge(job, flags, point / "merged", bar, env)
+            command = job.evaluation_command(None, str(point / "merged"), suites=("heldout",), run_dir=point)
+            seconds += run_step(command, job.run_dir / "eval.log", point, bar, f"{job.row.key} s{job.seed}: tuning", env)
+        scores[spec.name] = heldout.average(point)
+        best = max(scores, key=lambda name: scores[name])  # the first of equal bests
+        for name in scores:
+            if name != best:
+                shutil.rmtree(job.run_dir / "grid" / name / "merged", ignore_errors=True)
+    chosen = next(spec for spec in job.merge_grid() if spec.name == best)
+    if not (job.run_dir / "grid" / best / "merged" / "config.json").is_file():  # an interrupted search: merge again
+        flags = {"method": chosen.method, "lambda": chosen.weight, "density": chosen.density, "seed": chosen.seed}
+        seconds += merge(job, flags, job.run_dir / "grid" / best / "merged", bar, env)
+    write_json(job.run_dir / "tuning.json", {"selected_on": "heldout", "scores": scores, "chosen": best,
+                                             "lambda": chosen.weight, "density": chosen.density, "seed": chosen.seed})
+    (job.run_dir / "grid" / best / "merged").rename(job.run_dir / "merged")
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------------- inputs
