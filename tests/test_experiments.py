@@ -306,11 +306,13 @@ def test_lm_eval_s_mmlu_and_bbh_run_for_the_harness_rows_at_the_first_seed(tmp_p
     assert "lm_eval_mmlu" not in collected["baseline"]
 
 
-def test_a_table_reports_its_suites_and_a_shared_run_is_evaluated_on_all_of_them():
+def test_a_table_reports_its_suites_and_a_shared_run_is_evaluated_on_all_of_them(tmp_path):
     from mtlora.experiments.runner import shared_jobs
 
-    settings = RunSettings(None, 1, Path("/tmp/r"), ".", ".", True, seeds=(42, 43))
-    scale = SCALES["small"]
+    settings = RunSettings(None, 1, tmp_path / "r", ".", ".", True, seeds=(42, 43))
+    data = write_multitask_records(tmp_path / "train.jsonl")
+    scale = replace(SCALES["small"], tracks=(replace(SCALES["small"].tracks[0], train_data=str(data),
+                                                     heldout_data=str(data)),))
     plan = {name: plan_jobs(TABLES[name], scale, list(scale.tracks), settings, list(TABLES[name].rows), False)
             for name in ("main_ablation", "routing_granularity")}
     by_row = {name: {(j.row.key, j.seed): j for j in jobs} for name, jobs in plan.items()}
