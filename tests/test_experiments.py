@@ -218,6 +218,21 @@ def test_a_tuned_merge_keeps_the_grid_point_best_on_held_out(tiny_setup, monkeyp
     assert Path(per_seed["task_arithmetic"]["run_dir"]) != tuned
 
 
+@pytest.mark.slow
+def test_the_library_rows_lorahub_mole_and_mmoelora_run_through_the_table(tiny_setup, monkeypatch):
+    """The rest of the main table end to end on a tiny model: LoRAHub and MoLE over the per-task library (one library
+    per seed, shared by both), MMoELoRA trained with its task gates."""
+    monkeypatch.setitem(TABLES, "main_results", replace(TABLES["main_results"], scales=("tiny",)))
+    output = run_table("main_results", "tiny", replace(tiny_setup, seeds=(1,)), only_rows=["lorahub", "mole", "mmoelora"],
+                       with_base=False)
+    per_seed = {r["key"]: r for r in output["per_seed"]}
+    assert set(per_seed) == {"lorahub", "mole", "mmoelora"}
+    assert all(r["heldout"] is not None and r["bbh"] is not None for r in per_seed.values())
+    assert per_seed["mole"]["trainable_params"] > 0 and per_seed["mmoelora"]["trainable_params"] > 0
+    libraries = {Path(r["run_dir"]).parent for r in output["per_seed"]}
+    assert len(list(next(iter(libraries)).glob("library-s1-*"))) == 1  # one library, read by LoRAHub and MoLE
+
+
 def test_missing_training_data_is_reported_with_the_prepare_command(tiny_setup, tmp_path):
     scale = registry.SCALES["tiny"]
     registry.SCALES["tiny"] = replace(scale, tracks=(replace(scale.tracks[0], train_data=str(tmp_path / "pool.jsonl")),))
