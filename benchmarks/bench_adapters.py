@@ -660,10 +660,16 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def command_and_date(argv: list[str] | None = None) -> dict:
+    """The benchmark's command line (``argv`` when called from Python, else the process's) and the UTC date: what
+    every recorded benchmark output starts with."""
+    return {"command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def run_metadata(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     return {
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **command_and_date(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
         "dtype": str(dtype),

@@ -28,7 +28,6 @@ after every job (``benchmarks/results/distributed_<tag>.json`` and ``.md``), so 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib.util
 import json
@@ -52,7 +51,7 @@ from transformers import AutoTokenizer, TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 
-from benchmarks.bench_adapters import TINY_MODEL, build_model
+from benchmarks.bench_adapters import TINY_MODEL, build_model, command_and_date
 from mtlora.checkpoint import load_adapter
 from mtlora.config import AdapterConfig
 from mtlora.loading import build_meta_model
@@ -381,8 +380,7 @@ def environment(quick: bool) -> dict:
         if importlib.util.find_spec(name) is not None:
             versions[name] = __import__(name).__version__
     gpus = torch.cuda.device_count() if not quick else 0
-    return {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {**command_and_date(),
             "device": f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else "cpu (gloo)",
             "versions": versions, "tolerances": {"loss_step1_rel": STEP1_RTOL, "loss_last_rel": LAST_STEP_RTOL},
             "warmup_steps_not_timed": WARMUP_STEPS}

@@ -31,9 +31,7 @@ its timings mean nothing).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,7 +41,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer, GenerationConfig
 
-from benchmarks.bench_adapters import FULL, QUICK, TINY_MODEL, attach, build_model, synchronize
+from benchmarks.bench_adapters import FULL, QUICK, TINY_MODEL, attach, build_model, command_and_date, synchronize
 from mtlora.evaluation.batching import eos_token_ids, next_token_scores, pad_token_id, truncate_left
 from mtlora.evaluation.bbh import NUM_EXEMPLARS, build_bbh_prompt, load_bbh, run_bbh, score_bbh_task
 from mtlora.evaluation.mmlu import (fit_prompt, format_header, letter_token_ids, load_mmlu, run_mmlu, score_subject)
@@ -275,8 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    results = {"meta": {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    results = {"meta": {**command_and_date(argv),
                         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                         "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype).replace("torch.", "")},
                "rows": [], "agreement": []}

@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import re
 import shutil
 import statistics
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -48,7 +46,7 @@ from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 
-from benchmarks.bench_adapters import free_memory, set_checkpointing, synchronize, train_step_fn
+from benchmarks.bench_adapters import command_and_date, free_memory, set_checkpointing, synchronize, train_step_fn
 from data.synthetic import BIGBENCH_POOL, synthetic_records
 from mtlora.evaluation.bbh import run_bbh
 from mtlora.evaluation.cli import default_data_dir
@@ -430,8 +428,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def metadata(args: argparse.Namespace, device: torch.device) -> dict:
-    return {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {**command_and_date(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "gpu_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30
             if device.type == "cuda" else None,

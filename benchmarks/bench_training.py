@@ -13,11 +13,8 @@ the Trainer's train time, the median step time after the first step, the peak GP
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -26,6 +23,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from benchmarks.bench_adapters import command_and_date
 from mtlora.evaluation.reporting import markdown_table, read_json, write_json
 from mtlora.experiments.jobs import Job, RunSettings
 from mtlora.experiments.registry import SCALES, TABLES
@@ -92,9 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         jobs = [row_job(key, args.model_name_or_path, args.data, Path(work)) for key in args.rows]
         rows = [time_row(job, args.steps, Path(work) / job.row.key) for job in jobs]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    results = {"metadata": {"command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
-                            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                            "device": device, "torch": torch.__version__, "transformers": transformers.__version__},
+    results = {"metadata": {**command_and_date(argv), "device": device, "torch": torch.__version__, "transformers": transformers.__version__},
                "rows": rows}
     markdown = render(results)
     print(markdown)
