@@ -100,6 +100,11 @@ def converted_gguf(folder: str, gguf_file: str) -> str:
     return str(target)
 
 
+def _hf_folder(folder: str, gguf_file: str | None) -> str:
+    """The folder transformers loads: the model source itself, or a GGUF file's converted folder."""
+    return converted_gguf(folder, gguf_file) if gguf_file else folder
+
+
 def _without_quantizer(model: PreTrainedModel) -> PreTrainedModel:
     """GGUF tensors are de-quantized to float on load (also in a folder saved from such a model): make the result an
     ordinary float model, not a quantized one the Trainer would refuse to train."""
@@ -120,7 +125,7 @@ def is_config_only(folder: str) -> bool:
 def load_model_config(model_name_or_path: str | None):
     """The model's transformers config (cheap: no weights), e.g. to validate flags early."""
     folder, gguf_file = resolve_model_source(model_name_or_path)
-    return AutoConfig.from_pretrained(converted_gguf(folder, gguf_file) if gguf_file else folder)
+    return AutoConfig.from_pretrained(_hf_folder(folder, gguf_file))
 
 
 def build_meta_model(model_name_or_path: str | None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -155,7 +160,7 @@ def load_base_model(model_name_or_path: str | None = None, dtype: torch.dtype = 
     folder, gguf_file = resolve_model_source(model_name_or_path)
     if gguf_file is None and is_config_only(folder):
         return build_meta_model(folder, dtype)
-    model = AutoModelForCausalLM.from_pretrained(converted_gguf(folder, gguf_file) if gguf_file else folder, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(_hf_folder(folder, gguf_file), dtype=dtype)
     if _quant_method(getattr(model.config, "quantization_config", None) or {}) == "gguf":
         model = _without_quantizer(model)
     return model.to(device)
@@ -196,7 +201,7 @@ def load_tokenizer(model_name_or_path: str | None = None, flag: str = "--model_n
     """Tokenizer with a pad token (the unk token when there is one, as the reference pads with unk); from a model
     source, or a local folder holding only tokenizer files."""
     folder, gguf_file = resolve_tokenizer_source(model_name_or_path, flag)
-    tokenizer = AutoTokenizer.from_pretrained(converted_gguf(folder, gguf_file) if gguf_file else folder)
+    tokenizer = AutoTokenizer.from_pretrained(_hf_folder(folder, gguf_file))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer

@@ -249,26 +249,30 @@ def tune_merge(job: Job, bar: tqdm, env: dict | None) -> float:
 
     heldout = next(m for m in METRICS if m.name == "heldout")
     seconds, scores = 0.0, {}
-    for spec in job.merge_grid():
-        point = job.run_dir / "grid" / spec.name
+    grid = {spec.name: spec for spec in job.merge_grid()}
+    for name, spec in grid.items():
+        point = job.run_dir / "grid" / name
         if heldout.average(point) is None:
-            flags = {"method": spec.method, "lambda": spec.weight, "density": spec.density, "seed": spec.seed}
-            seconds += merge(job, flags, point / "merged", bar, env)
+            seconds += merge(job, merge_flags(spec), point / "merged", bar, env)
             command = job.evaluation_command(None, str(point / "merged"), suites=("heldout",), run_dir=point)
             seconds += run_step(command, job.run_dir / "eval.log", point, bar, f"{job.row.key} s{job.seed}: tuning", env)
-        scores[spec.name] = heldout.average(point)
-        best = max(scores, key=lambda name: scores[name])  # the first of equal bests
-        for name in scores:
-            if name != best:
-                shutil.rmtree(job.run_dir / "grid" / name / "merged", ignore_errors=True)
-    chosen = next(spec for spec in job.merge_grid() if spec.name == best)
-    if not (job.run_dir / "grid" / best / "merged" / "config.json").is_file():  # an interrupted search: merge again
-        flags = {"method": chosen.method, "lambda": chosen.weight, "density": chosen.density, "seed": chosen.seed}
-        seconds += merge(job, flags, job.run_dir / "grid" / best / "merged", bar, env)
+        scores[name] = heldout.average(point)
+        best = max(scores, key=lambda n: scores[n])  # the first of equal bests
+        for other in scores:
+            if other != best:
+                shutil.rmtree(job.run_dir / "grid" / other / "merged", ignore_errors=True)
+    chosen, kept = grid[best], job.run_dir / "grid" / best / "merged"
+    if not (kept / "config.json").is_file():  # an interrupted search: merge the best again
+        seconds += merge(job, merge_flags(chosen), kept, bar, env)
     write_json(job.run_dir / "tuning.json", {"selected_on": "heldout", "scores": scores, "chosen": best,
                                              "lambda": chosen.weight, "density": chosen.density, "seed": chosen.seed})
-    (job.run_dir / "grid" / best / "merged").rename(job.run_dir / "merged")
+    kept.rename(job.run_dir / "merged")
     return seconds
+
+
+def merge_flags(spec) -> dict:
+    """merge_loras.py's flags for a MergeSpec (unset density / seed left out)."""
+    return {"method": spec.method, "lambda": spec.weight, "density": spec.density, "seed": spec.seed}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
