@@ -92,3 +92,19 @@ def test_training_benchmark_runs_the_runner_s_command_for_each_row(tmp_path):
     assert "| mtlora | 2 |" in (tmp_path / "training.md").read_text()
     with pytest.raises(SystemExit, match="--rows: naive_average is no trainable row"):
         bench_training.main(["--rows", "naive_average", "--steps", "2"])
+
+
+@pytest.mark.slow
+def test_host_benchmark_times_the_gguf_load_and_splits_mmlu_s_host_work(tmp_path):
+    """bench_host.py on two tiny MMLU subjects: both loads timed, the MMLU time split into its parts (not asserted)."""
+    from benchmarks import bench_host
+    from tests.helpers import write_mmlu_folder
+
+    write_mmlu_folder(tmp_path / "data" / "mmlu")
+    results = bench_host.main(["--data_dir", str(tmp_path / "data"), "--output", str(tmp_path / "host.json")])
+    assert set(results["model_load"]) == {"gguf_direct_s", "cached_folder_s"}
+    mmlu = results["mmlu_host"]
+    assert mmlu["questions"] > 0 and mmlu["tokenising_s"] + mmlu["model_forward_s"] <= mmlu["total_s"]
+    assert "| the same from the cached converted folder |" in (tmp_path / "host.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_host.main(["--data_dir", str(tmp_path / "nothing")])
