@@ -22,6 +22,7 @@ after every job (``benchmarks/results/distributed_<tag>.json`` and ``.md``), so 
 ``--budget_minutes`` keeps what it measured and lists what it skipped.
 
     PYTHONPATH=.:/tmp/site python benchmarks/bench_distributed.py        # on 2 GPUs (deepspeed importable)
+    PYTHONPATH=.:/tmp/site python benchmarks/bench_distributed.py --only 'llama-2-7b-.*(1gpu|offload)$'  # one GPU
     python benchmarks/bench_distributed.py --quick                        # CPU: tiny model, DDP on 2 gloo ranks
 """
 
@@ -553,10 +554,6 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     started_at = time.monotonic()
     args = parse_args(argv)
-    if not args.quick and torch.cuda.device_count() < 2:
-        sys.exit("the GPU plan needs 2 GPUs (use --quick on the CPU)")
-    args.tag = args.tag or ("quick" if args.quick else f"{torch.cuda.device_count()}x"
-                            + torch.cuda.get_device_name(0).split()[-1].lower())
     work_dir = args.work_dir
     for sub in ("records", "specs", "logs", "out"):
         (work_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -564,6 +561,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only:
         jobs = [Job(job.launcher, job.gpus, [r for r in job.runs if re.search(args.only, r.name)]) for job in jobs]
         jobs = [job for job in jobs if job.runs]
+    needed = max((job.gpus for job in jobs), default=0)
+    if not args.quick and torch.cuda.device_count() < needed:
+        sys.exit(f"the selected runs need {needed} GPUs, {torch.cuda.device_count()} found (--only picks one-GPU runs; "
+                 "--quick runs on the CPU)")
+    args.tag = args.tag or ("quick" if args.quick else f"{torch.cuda.device_count()}x"
+                            + torch.cuda.get_device_name(0).split()[-1].lower())
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     models, data, hidden = {}, {}, {}
     for run in (run for job in jobs for run in job.runs):

@@ -7,7 +7,8 @@ Each row runs the command the table runner gives its job (the registry's flags, 
 micro-batch 32 x 1 at effective batch 32, max length 512, bf16, a checkpoint every 200 steps), with --max_steps.
 Reported per row: the wall time of the whole process (start-up, model loading, data encoding, training, saving),
 the Trainer's train time, the median step time after the first step, the peak GPU memory, against the target of a
-400-step run in under 60 s.
+400-step run in under 60 s. ``--keep_dir DIR`` keeps each row's run folder (``DIR/<row>``: the trained adapter and
+its summary), e.g. for ``bench_eval.py --adapter``.
 """
 
 from __future__ import annotations
@@ -83,12 +84,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", nargs="+", default=["lora", "baseline", "mtlora"])
     parser.add_argument("--steps", type=int, default=TARGET_STEPS)
     parser.add_argument("--output", type=Path, default=None, help="JSON file; the Markdown goes beside it (.md)")
+    parser.add_argument("--keep_dir", type=Path, default=None, help="keep each row's run folder here (DIR/<row>)")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error(f"--steps must be >= 2 (the first step is not a steady-state step), got {args.steps}")
     with tempfile.TemporaryDirectory() as work:
+        runs = args.keep_dir or Path(work)
         jobs = [row_job(key, args.model_name_or_path, args.data, Path(work)) for key in args.rows]
-        rows = [time_row(job, args.steps, Path(work) / job.row.key) for job in jobs]
+        rows = [time_row(job, args.steps, runs / job.row.key) for job in jobs]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     results = {"metadata": {**command_and_date(argv), "device": device, "torch": torch.__version__, "transformers": transformers.__version__},
                "rows": rows}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmarks import bench_adapters as bench
+from mtlora.checkpoint import is_adapter_checkpoint, save_adapter
 from mtlora.experts import routed_expert_mix
 
 
@@ -65,16 +66,41 @@ def test_eval_benchmark_quick_run(tmp_path):
 
     write_bbh_folder(tmp_path / "data" / "bbh")
     write_mmlu_folder(tmp_path / "data" / "mmlu")
-    results = bench_eval.main(["--quick", "--data_dir", str(tmp_path / "data"), "--output", str(tmp_path / "eval.json")])
+    results = bench_eval.main(["--quick", "--data_dir", str(tmp_path / "data"), "--output", str(tmp_path / "eval.json"),
+                               "--batch_sizes", "3,auto"])
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["rows"] == results["rows"] and (tmp_path / "eval.md").is_file()
-    assert {(r["model"], r["benchmark"], r["variant"]) for r in saved["rows"]} == {
-        (m, b, v) for m in bench_eval.MODELS for b in bench_eval.BENCHMARKS for v in ("before", "after")}
+    assert [(r["model"], r["benchmark"], r["variant"], r["batch_size"]) for r in saved["rows"]] == [
+        (m, b, *v) for m in bench_eval.MODELS for b in bench_eval.BENCHMARKS
+        for v in (("before", 64), ("after", 3), ("after", "auto"))]
     assert all(r["items"] == 4 and r["questions_per_s"] > 0 for r in saved["rows"])  # 2 tasks / subjects x 2 items
     # float32 on the CPU: the new path gives the former path's decisions and batch size 1's outputs
     assert all(a["decisions_equal"] == 1.0 and a.get("outputs_equal", 1.0) == 1.0 for a in saved["agreement"])
     assert len(saved["agreement"]) == 8 and set(saved["targets"]) == {
         "smollm2 bbh >= 150/s", "smollm2 mmlu >= 1500/s", "llama7b bbh >= 25/s"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("benchmark", ["mmlu", "bbh"])
+def test_eval_profile_quick_run_with_a_saved_adapter(tmp_path, benchmark):
+    """profile_eval.py --quick: the timed and the profiled run score the same items, the forward hooks count the
+    calls, every variant runs, and a saved adapter replaces the random one."""
+    from benchmarks import bench_eval, profile_eval
+    from tests.helpers import write_bbh_folder, write_mmlu_folder
+
+    write_bbh_folder(tmp_path / "data" / "bbh")
+    write_mmlu_folder(tmp_path / "data" / "mmlu")
+    model, _ = bench_eval.load_model("smollm2", True, torch.device("cpu"), torch.float32)
+    config = bench.scale_adapter_config(bench.adapter_config("mtlora", model.config.hidden_size), bench.QUICK)
+    save_adapter(model, config, tmp_path / "adapter")
+    results = profile_eval.main(["--quick", "--benchmark", benchmark, "--data_dir", str(tmp_path / "data"),
+                                 "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "p.json")])
+    assert results["run"]["items"] == results["profile"]["items"] == 4  # 2 tasks / subjects x 2 items
+    assert results["profile"]["forward_calls"] > 0 and results["profile"]["gpu_busy_s"] is None
+    assert [v["variant"] for v in results["variants"]] == list(profile_eval.VARIANTS)
+    assert all(v["items"] == 4 for v in results["variants"])
+    assert results["meta"]["adapter"] == str(tmp_path / "adapter")
+    assert all((tmp_path / f"p.{ext}").is_file() for ext in ("json", "md", "txt"))
 
 
 def test_training_benchmark_runs_the_runner_s_command_for_each_row(tmp_path):
@@ -85,8 +111,10 @@ def test_training_benchmark_runs_the_runner_s_command_for_each_row(tmp_path):
     model = write_tiny_model_folder(tmp_path / "model")
     data = write_multitask_records(tmp_path / "train.jsonl")
     results = bench_training.main(["--model_name_or_path", model, "--data", str(data), "--rows", "lora", "mtlora",
-                                   "--steps", "2", "--output", str(tmp_path / "training.json")])
+                                   "--steps", "2", "--output", str(tmp_path / "training.json"),
+                                   "--keep_dir", str(tmp_path / "runs")])
     assert [r["row"] for r in results["rows"]] == ["lora", "mtlora"]
+    assert all(is_adapter_checkpoint(tmp_path / "runs" / row) for row in ("lora", "mtlora"))
     assert all(r["steps"] == 2 and r["wall_s"] > r["train_s"] > 0 for r in results["rows"])
     assert results["rows"][0]["trainable_params"] < results["rows"][1]["trainable_params"]
     assert "| mtlora | 2 |" in (tmp_path / "training.md").read_text()
