@@ -4,8 +4,8 @@
         --output benchmarks/results/h200_profile_mmlu.json
 
 The model is ``bench_eval``'s SmolLM2-135M with a random mtLoRA adapter (bf16 on a GPU), or with ``--adapter`` a
-trained adapter folder. The evaluator runs with its defaults (the paper protocol, automatic batch size, shared
-exemplar prefixes):
+trained adapter folder. The evaluator runs with its defaults (the paper protocol, shared exemplar prefixes) and the
+automatic batch size:
 1. a warm-up on one item per task / subject;
 2. the whole suite (or ``--limit`` items per task / subject), timed without the profiler;
 3. the same run under ``torch.profiler``: the GPU's busy time (the sum of its kernels' times), the host time spent
@@ -68,6 +68,7 @@ class ForwardClock:
 
 def evaluate(benchmark: str, model, tokenizer, data_dir: Path, limit: int | None, **options) -> tuple[int, float]:
     """(items, wall seconds) of one run of the evaluator."""
+    options = {"batch_size": None, **options}  # the evaluator's automatic batch size unless a variant sets one
     synchronize(model.device)
     start = time.perf_counter()
     summary = RUNNERS[benchmark](model, tokenizer, data_dir / benchmark, limit=limit, **options)
