@@ -8,13 +8,15 @@ trained adapter folder. The evaluator runs with its defaults (the paper protocol
 automatic batch size:
 1. a warm-up on one item per task / subject;
 2. the whole suite (or ``--limit`` items per task / subject), timed without the profiler;
-3. the same run under ``torch.profiler``: the GPU's busy time (the sum of its kernels' times), the host time spent
-   inside the model's forward calls (issuing kernels; taken from forward hooks, no synchronisation), and the
-   operators / kernels that take the most GPU time (a table beside the JSON);
+3. a run of ``--profile_limit`` items per task / subject under ``torch.profiler`` (the whole suite makes millions of
+   events, whose summary takes minutes): the GPU's busy time (the sum of its kernels' times), the host time spent
+   inside the model's forward calls (issuing kernels and waiting where the model synchronises; taken from forward
+   hooks), and the operators / kernels that take the most GPU time (a table beside the JSON);
 4. variants on ``--variant_limit`` items per task / subject, each timed: fixed batch sizes, whole prompts (no
    shared prefix), eager attention.
 Where the GPU's busy time is close to the wall time the run is bound by its kernels (the table says which);
-where it is far below, by the host.
+where it is far below, by the host. The JSON is written after every stage, so a run stopped early keeps what it
+measured.
 
 ``--quick``: a tiny random model on the CPU, in seconds (a correctness check; its timings mean nothing).
 """
@@ -121,6 +123,8 @@ def variants(benchmark: str, model, tokenizer, data_dir: Path, limit: int | None
 def markdown(results: dict) -> str:
     meta = "; ".join(f"{key}: {value}" for key, value in results["meta"].items())
     run, prof = results["run"], results["profile"]
+    if not prof:
+        return f"{meta}\n\nTimed: {run}\n"
     totals = markdown_table(
         ["run", "items", "wall s", "questions/s", "GPU busy s (share)", "host s in forward", "forward calls",
          "kernel launches"],
@@ -144,14 +148,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smollm2_path", default=None, help="the real SmolLM2-135M (.gguf file or model folder)")
     parser.add_argument("--adapter", type=Path, default=None, help="a trained adapter folder instead of a random one")
     parser.add_argument("--limit", type=int, default=None, help="items per task / subject (default: all)")
+    parser.add_argument("--profile_limit", type=int, default=50, help="items per task / subject under the profiler")
     parser.add_argument("--variant_limit", type=int, default=50, help="items per task / subject for the variants")
     parser.add_argument("--top", type=int, default=25, help="kernels / operators listed")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON file; the Markdown (.md) and the profiler's operator table (.txt) go beside it")
     args = parser.parse_args(argv)
     if args.quick:
-        args.limit, args.variant_limit, args.top = 2, 2, 10
+        args.limit, args.profile_limit, args.variant_limit, args.top = 2, 2, 2, 10
     return args
+
+
+def save(results: dict, output: Path | None, table: str | None = None) -> None:
+    if output is not None:
+        write_json(output, results)
+        output.with_suffix(".md").write_text(markdown(results))
+        if table is not None:
+            output.with_suffix(".txt").write_text(table + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -163,25 +176,24 @@ def main(argv: list[str] | None = None) -> dict:
         detach_adapters(model)
         load_adapter(model, args.adapter)
         model.to(dtype)
-    evaluate(args.benchmark, model, tokenizer, args.data_dir, 1)  # warm-up
-    items, seconds = evaluate(args.benchmark, model, tokenizer, args.data_dir, args.limit)
-    run = {"items": items, "wall_s": round(seconds, 2), "questions_per_s": round(items / seconds, 1)}
-    print(json.dumps(run), flush=True)
-    totals, table = profiled(args.benchmark, model, tokenizer, args.data_dir, args.limit, args.top)
-    print(json.dumps({k: v for k, v in totals.items() if k != "top_kernels"}), flush=True)
     results = {"meta": {**command_and_date(argv), "benchmark": args.benchmark,
                         "adapter": str(args.adapter) if args.adapter else "random mtLoRA (bench_eval)",
                         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                         "torch": torch.__version__, "transformers": transformers.__version__,
-                        "dtype": str(dtype).replace("torch.", "")},
-               "run": run, "profile": totals,
-               "variants": variants(args.benchmark, model, tokenizer, args.data_dir, args.variant_limit)}
-    text = markdown(results)
-    print(text)
-    if args.output is not None:
-        write_json(args.output, results)
-        args.output.with_suffix(".md").write_text(text)
-        args.output.with_suffix(".txt").write_text(table + "\n")
+                        "dtype": str(dtype).replace("torch.", ""), "limit": args.limit,
+                        "profile_limit": args.profile_limit, "variant_limit": args.variant_limit},
+               "run": {}, "profile": {}, "variants": []}
+    evaluate(args.benchmark, model, tokenizer, args.data_dir, 1)  # warm-up
+    items, seconds = evaluate(args.benchmark, model, tokenizer, args.data_dir, args.limit)
+    results["run"] = {"items": items, "wall_s": round(seconds, 2), "questions_per_s": round(items / seconds, 1)}
+    print(json.dumps(results["run"]), flush=True)
+    save(results, args.output)
+    results["profile"], table = profiled(args.benchmark, model, tokenizer, args.data_dir, args.profile_limit, args.top)
+    print(json.dumps({k: v for k, v in results["profile"].items() if k != "top_kernels"}), flush=True)
+    save(results, args.output, table)
+    results["variants"] = variants(args.benchmark, model, tokenizer, args.data_dir, args.variant_limit)
+    save(results, args.output, table)
+    print(markdown(results))
     return results
 
 

@@ -233,6 +233,33 @@ def test_gpu_memory_sets_the_micro_batch_of_training_jobs():
     assert _job("task_arithmetic", "main_results", gpu_memory_gib=19.0).micro_batch is None  # nothing trained
 
 
+def test_a_run_trained_at_another_split_is_reused_when_it_need_not_train_again(tmp_path, capsys, multitask_records):
+    """A table resumed at another --gpu_memory_gb adopts the split of a run trained earlier: when it fits, or when its
+    weights are there; a run that would train again at a split that does not fit is not reused, and it says so."""
+    def trained(job: Job, weights: bool = False) -> Job:
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / "train_summary.json").write_text("{}")
+        for name in ("adapter_config.json", "adapter_model.safetensors") if weights else ():
+            (job.run_dir / name).write_text("")
+        return job
+
+    earlier = trained(_job(data=multitask_records, gpu_memory_gib=19.0, results_dir=tmp_path / "a"))
+    split = earlier.training["per_device_train_batch_size"]
+    assert split < 16
+    resumed = _job(data=multitask_records, gpu_memory_gib=79.0, results_dir=tmp_path / "a")  # plans 16 x 2; the 19 GiB split fits too
+    assert resumed.run_dir == earlier.run_dir and resumed.training["per_device_train_batch_size"] == split
+    assert f"reusing {earlier.run_dir.name}, trained at micro-batch {split} x {32 // split}" in capsys.readouterr().out
+
+    large = trained(_job(data=multitask_records, gpu_memory_gib=79.0, results_dir=tmp_path / "b"))  # 16 x 2, no weights, nothing evaluated
+    smaller = _job(data=multitask_records, gpu_memory_gib=19.0, results_dir=tmp_path / "b")
+    assert smaller.run_dir != large.run_dir and smaller.training["per_device_train_batch_size"] == split
+    assert f"not reusing {large.run_dir.name}" in capsys.readouterr().out
+
+    kept = trained(_job(data=multitask_records, gpu_memory_gib=79.0, results_dir=tmp_path / "c"), weights=True)
+    assert _job(data=multitask_records, gpu_memory_gib=19.0, results_dir=tmp_path / "c").run_dir == kept.run_dir  # evaluation only
+    assert _job(data=multitask_records, gpu_memory_gib=19.0, results_dir=tmp_path / "d").run_dir.name == smaller.run_dir.name
+
+
 @pytest.fixture
 def dry_run_setup(tmp_path, monkeypatch):
     bbh, mmlu = write_bbh_folder(tmp_path / "bbh"), write_mmlu_folder(tmp_path / "mmlu")

@@ -3,20 +3,23 @@
 A job's folder is keyed by everything that determines its result: the row's flags, the training settings,
 the seed, the base model's and the data's fingerprints and the results version of the code
 (:mod:`mtlora.fingerprint`). A finished job is reused only when all of them match; anything else gets a new
-folder, so a result always belongs to the run that made it.
+folder, so a result always belongs to the run that made it. One exception: the micro-batch split that
+--gpu_memory_gb plans. A run trained earlier at another split of the same effective batch is reused (its split
+adopted) rather than trained again, unless it would have to be retrained and that split does not fit.
 """
 
 from __future__ import annotations
 
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
 from mtlora.experiments.dry_run import DryRun
-from mtlora.experiments.evaluate import eval_identity, suite_data
-from mtlora.experiments.memory_plan import MicroBatch, choose_micro_batch
+from mtlora.checkpoint import is_adapter_checkpoint
+from mtlora.experiments.evaluate import eval_identity, pending_suites, suite_data
+from mtlora.experiments.memory_plan import MicroBatch, choose_micro_batch, fits, micro_batch_at
 from mtlora.experiments.registry import Row, Scale, Table, Track
 from mtlora.fingerprint import RESULTS_VERSION, data_fingerprint, digest, model_fingerprint
 
@@ -68,11 +71,14 @@ class Job:
     @cached_property
     def training(self) -> dict:
         """The training settings: the scale's, with the row's overrides, on the GPUs at hand."""
+        return self._training_at(None if self.micro_batch is None else self.micro_batch.micro_batch)
+
+    def _training_at(self, micro_batch: int | None) -> dict:
         training = {**self.scale.training, **self.table.training, **self.row.training, "seed": self.seed}
         if not self.settings.use_cuda:
             training.update(bf16=False, use_cpu=True)
-        if self.micro_batch is not None:
-            training["per_device_train_batch_size"] = self.micro_batch.micro_batch
+        if micro_batch is not None:
+            training["per_device_train_batch_size"] = micro_batch
         per_device = training["per_device_train_batch_size"]
         training["gradient_accumulation_steps"] = max(1, self.effective_batch // (per_device * self.settings.num_gpus))
         if self.settings.dry_run is not None:
@@ -89,20 +95,55 @@ class Job:
         if self.settings.gpu_memory_gib is None or self.kind not in ("adapter", "library", "mole"):
             return None
         training = {**self.scale.training, **self.table.training, **self.row.training}
-        return choose_micro_batch(self.settings.model_name_or_path, self.train_flags,
-                                  max(1, self.effective_batch // self.settings.num_gpus),
-                                  training["per_device_train_batch_size"], training["max_seq_length"],
-                                  bool(training.get("gradient_checkpointing")), self.settings.gpu_memory_gib)
+        step = (self.settings.model_name_or_path, self.train_flags, max(1, self.effective_batch // self.settings.num_gpus))
+        memory = (training["max_seq_length"], bool(training.get("gradient_checkpointing")))
+        planned = choose_micro_batch(*step, training["per_device_train_batch_size"], *memory,
+                                     self.settings.gpu_memory_gib)
+        return self._earlier_split(planned, lambda micro: micro_batch_at(*step, micro, *memory)) or planned
+
+    def _earlier_split(self, planned: MicroBatch, plan_at) -> MicroBatch | None:
+        """The split of this job's run trained earlier at another micro-batch (another --gpu_memory_gb or --parallel),
+        which a resumed table reuses instead of training the job again when its weights are there, or nothing is left
+        to evaluate, or its step fits this invocation's memory. None when the planned split's run was trained, or no
+        other was."""
+        folders = self._runs_folder.glob(f"{self._run_name}-*/train_summary.json")
+        if next(folders, None) is None or self._trained_at(planned.micro_batch):
+            return None
+        per_device = planned.micro_batch * planned.accumulation
+        for micro in (d for d in range(per_device, 0, -1) if per_device % d == 0 and d != planned.micro_batch):
+            if not self._trained_at(micro):
+                continue
+            run_dir = self._run_dir_at(micro)
+            split = plan_at(micro)
+            evaluations = {suite: self.eval_identity(suite) for suite in self.suites}
+            if (is_adapter_checkpoint(run_dir) or not pending_suites(run_dir, evaluations)
+                    or fits(split.peak_gib, self.settings.gpu_memory_gib)):
+                print(f"{self.row.key} s{self.seed}: reusing {run_dir.name}, trained at micro-batch {split.micro_batch} x "
+                      f"{split.accumulation} (this --gpu_memory_gb plans {planned.micro_batch} x {planned.accumulation})")
+                return replace(split, source="the split of the run trained earlier")
+            print(f"{self.row.key} s{self.seed}: not reusing {run_dir.name} (trained at micro-batch {micro}, weights not "
+                  f"kept, suites left to evaluate, planned peak {split.peak_gib:.1f} GiB does not fit --gpu_memory_gb "
+                  f"{self.settings.gpu_memory_gib:.1f}): trains again at {planned.micro_batch} x {planned.accumulation}")
+        return None
+
+    def _trained_at(self, micro_batch: int) -> bool:
+        return (self._run_dir_at(micro_batch) / "train_summary.json").is_file()
+
+    def _run_dir_at(self, micro_batch: int) -> Path:
+        return self._run_dir_of(self._identity_of(self._training_at(micro_batch)))
 
     # -------------------------------------------------------------------------------------- identity
 
     @cached_property
     def identity(self) -> dict:
         """Everything that determines this job's result."""
+        return self._identity_of(self.training)
+
+    def _identity_of(self, training: dict) -> dict:
         identity = {"kind": self.kind, "results_version": RESULTS_VERSION,
                     "model": model_fingerprint(self.settings.model_name_or_path)}
         if self.kind != "base":
-            identity.update(flags=self.train_flags, training=self.training, seed=self.seed,
+            identity.update(flags=self.train_flags, training=training, seed=self.seed,
                             train_data=data_fingerprint(self.track.train_data))
         if self.depends_on is not None:
             identity["library"] = self.depends_on.identity
@@ -114,10 +155,19 @@ class Job:
 
     @cached_property
     def run_dir(self) -> Path:
+        return self._run_dir_of(self.identity)
+
+    def _run_dir_of(self, identity: dict) -> Path:
+        return self._runs_folder / f"{self._run_name}-{digest(identity, 8)}"
+
+    @property
+    def _runs_folder(self) -> Path:
+        return self.settings.results_dir / self.scale.name / "runs" / self.track.name
+
+    @property
+    def _run_name(self) -> str:
         name = self.row.key if self.kind == "base" else f"{self.row.key}-s{self.seed}"
-        name = name if self.settings.dry_run is None else f"dryrun-{name}"
-        return (self.settings.results_dir / self.scale.name / "runs" / self.track.name
-                / f"{name}-{digest(self.identity, 8)}")
+        return name if self.settings.dry_run is None else f"dryrun-{name}"
 
     def eval_identity(self, suite: str) -> dict:
         """What a suite's scores depend on besides the adapter (the evaluator writes the same next to them)."""

@@ -160,6 +160,13 @@ def fits(peak_gib: float, gpu_memory_gib: float) -> bool:
     return peak_gib * FRAGMENTATION + CONTEXT_GIB <= gpu_memory_gib
 
 
+def micro_batch_at(model_name_or_path: str | None, flags: dict, per_device_batch: int, micro_batch: int, seq_len: int,
+                   checkpointing: bool, measured: dict | None = None) -> MicroBatch:
+    """The split of ``per_device_batch`` at ``micro_batch`` rows per step, with its planned peak."""
+    peak, source = planned_peak_gib(step_shape(model_name_or_path, flags), micro_batch, seq_len, checkpointing, measured)
+    return MicroBatch(micro_batch, per_device_batch // micro_batch, peak, source)
+
+
 def choose_micro_batch(model_name_or_path: str | None, flags: dict, per_device_batch: int, largest: int,
                        seq_len: int, checkpointing: bool, gpu_memory_gib: float,
                        measured: dict | None = None) -> MicroBatch:
