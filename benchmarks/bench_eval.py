@@ -8,7 +8,9 @@ Models, each with a random mtLoRA adapter attached (block-level FFN, fine-graine
   LLaMA tokenizer ships offline, so its prompts are the SmolLM2 token ids of the same texts taken modulo its
   32,000-token vocabulary (LLaMA's own tokenizer gives somewhat more tokens per prompt).
 ``--adapter DIR`` gives smollm2 a trained adapter instead (a random one generates to the token limit on every BBH
-item, a trained one mostly stops early); ``--batch_sizes 64,256,auto`` times ``after`` at each batch size.
+item, a trained one mostly stops early); ``--batch_sizes 64,256,auto`` times ``after`` at each batch size, and
+``--passes 2`` every timed run twice in a row (passes over the same items get faster as the process warms up, so a
+sweep in one process confounds batch size with order unless each point is repeated).
 Data: the real BBH and MMLU prompts from --data_dir (``bbh/``, ``mmlu/``). bf16 on a GPU, float32 on the CPU.
 
 For each model and benchmark (items = scored questions; time = prompt building + tokenisation + the model, not
@@ -208,13 +210,15 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
         for variant in args.variants:
             for size in sizes[variant]:
                 run = runs[variant][benchmark] if variant == "before" else partial(runs[variant][benchmark], size=size)
-                result, seconds = timed(run, device)
-                timed_results.setdefault(variant, result)  # the first batch size's, for the before / after check
-                count = len(decisions(benchmark, result))
-                rows.append({"model": name, "benchmark": benchmark, "variant": variant, "batch_size": size or "auto",
-                             "items": count, "seconds": round(seconds, 2), "questions_per_s": round(count / seconds, 1),
-                             "limit_per_task": limits[benchmark]})
-                print(json.dumps(rows[-1]), flush=True)
+                for repeat in range(1, args.passes + 1):
+                    result, seconds = timed(run, device)
+                    timed_results.setdefault(variant, result)  # the first batch size's, for the before / after check
+                    count = len(decisions(benchmark, result))
+                    rows.append({"model": name, "benchmark": benchmark, "variant": variant,
+                                 "batch_size": size or "auto", "pass": repeat, "items": count,
+                                 "seconds": round(seconds, 2), "questions_per_s": round(count / seconds, 1),
+                                 "limit_per_task": limits[benchmark]})
+                    print(json.dumps(rows[-1]), flush=True)
         if set(timed_results) == {"before", "after"}:
             agreements.append({"model": name, "benchmark": benchmark, "compare": "before vs after (timed runs)",
                                "dtype": str(dtype).replace("torch.", ""),
@@ -233,28 +237,33 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
 
 
 def targets(rows: list[dict]) -> dict:
-    """Each throughput target: measured questions/s of ``after`` and whether it is met."""
-    measured = {}
-    for r in rows:  # the fastest batch size of ``after``
+    """Each throughput target against ``after``'s fastest batch size: on its first pass over the items, the one a
+    process evaluating once sees, and on its best pass (a warm process)."""
+    first, best = {}, {}
+    for r in rows:
         if r["variant"] == "after":
             key = (r["model"], r["benchmark"])
-            measured[key] = max(measured.get(key, 0), r["questions_per_s"])
-    return {f"{model} {benchmark} >= {goal}/s": {"measured": measured.get((model, benchmark)),
-                                                 "met": None if (model, benchmark) not in measured
-                                                 else measured[(model, benchmark)] >= goal}
-            for (model, benchmark), goal in TARGETS.items()}
+            best[key] = max(best.get(key, 0), r["questions_per_s"])
+            if r.get("pass", 1) == 1:
+                first[key] = max(first.get(key, 0), r["questions_per_s"])
+    return {f"{model} {benchmark} >= {goal}/s": {
+        "first_pass": first.get((model, benchmark)), "best_pass": best.get((model, benchmark)),
+        "met_first_pass": None if (model, benchmark) not in first else first[(model, benchmark)] >= goal,
+        "met_best_pass": None if (model, benchmark) not in best else best[(model, benchmark)] >= goal}
+        for (model, benchmark), goal in TARGETS.items()}
 
 
 def markdown(results: dict) -> str:
-    speed = markdown_table(["model", "benchmark", "variant", "batch size", "items", "seconds", "questions/s"],
-                           [[r["model"], r["benchmark"], r["variant"], r.get("batch_size", "-"), r["items"],
-                             r["seconds"], r["questions_per_s"]] for r in results["rows"]])
+    speed = markdown_table(["model", "benchmark", "variant", "batch size", "pass", "items", "seconds", "questions/s"],
+                           [[r["model"], r["benchmark"], r["variant"], r.get("batch_size", "-"), r.get("pass", 1),
+                             r["items"], r["seconds"], r["questions_per_s"]] for r in results["rows"]])
     agree = markdown_table(["model", "benchmark", "compare", "dtype", "items", "outputs equal", "decisions equal"],
                            [[a["model"], a["benchmark"], a["compare"], a["dtype"], a.get("items", "all"),
                              f"{100 * a['outputs_equal']:.1f}%" if "outputs_equal" in a else "-",
                              f"{100 * a['decisions_equal']:.1f}%"] for a in results["agreement"]])
-    goals = markdown_table(["target", "measured questions/s", "met"],
-                           [[k, v["measured"], v["met"]] for k, v in results["targets"].items()])
+    goals = markdown_table(["target", "first pass q/s", "met", "best pass q/s", "met"],
+                           [[k, v["first_pass"], v["met_first_pass"], v["best_pass"], v["met_best_pass"]]
+                            for k, v in results["targets"].items()])
     meta = "; ".join(f"{key}: {value}" for key, value in results["meta"].items())
     return f"{meta}\n\n{speed}\n\n{agree}\n\n{goals}\n"
 
@@ -278,6 +287,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", type=Path, default=None,
                         help="a trained adapter folder for smollm2 instead of the random one (e.g. from "
                              "bench_training.py --keep_dir)")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="time every variant and batch size this many times in a row (the first pass of a process "
+                             "runs slower than later ones: warm-up is measured, not assumed)")
     parser.add_argument("--before_batch_size", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--agreement_items", type=int, default=4, help="items per task / subject (0: skip)")

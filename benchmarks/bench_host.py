@@ -7,7 +7,8 @@
   exists (:func:`mtlora.loading.converted_gguf`).
 - ``mmlu_host``: ``run_mmlu`` over the whole of MMLU with a one-layer, 16-wide model of SmolLM2's vocabulary, under
   cProfile, one CPU thread: the seconds in tokenisation, in the model's forward calls and in everything else. The
-  model is tiny, so the last part is the host-side work a GPU run pays on top of its forward passes.
+  model is tiny, so the last part is the host-side work a GPU run pays on top of its forward passes. It also counts the
+  token positions the forward calls compute against the real tokens among them (the rest is padding).
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def mmlu_host(data_dir: Path) -> dict:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192)
     model = LlamaForCausalLM(config).eval()
+    positions = {"run": 0, "real": 0}
+
+    def count(_module, _args, kwargs):  # suffix positions the forward computes, and the real (unpadded) ones
+        rows, width = kwargs["input_ids"].shape
+        positions["run"] += rows * width
+        positions["real"] += int(kwargs["attention_mask"][:, -width:].sum())
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
     profile = cProfile.Profile()
     started = time.perf_counter()
     summary = profile.runcall(run_mmlu, model, tokenizer, data_dir / "mmlu", batch_size=1024)
@@ -55,7 +64,8 @@ def mmlu_host(data_dir: Path) -> dict:
     tokenising = sum(v[2] for k, v in stats.items() if "encode_batch" in k[2])
     forward = sum(v[3] for k, v in stats.items() if k[2] == "_first_pass")
     return {"questions": summary["num_examples"], "total_s": round(total, 2), "tokenising_s": round(tokenising, 2),
-            "model_forward_s": round(forward, 2), "rest_s": round(total - tokenising - forward, 2)}
+            "model_forward_s": round(forward, 2), "rest_s": round(total - tokenising - forward, 2),
+            "token_positions_run": positions["run"], "real_tokens": positions["real"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,7 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
                     [f"run_mmlu, {mmlu['questions']:,} questions, one-layer model: total", mmlu["total_s"]],
                     ["  of which tokenising", mmlu["tokenising_s"]],
                     ["  of which the model's forward calls", mmlu["model_forward_s"]],
-                    ["  of which the rest (host-side Python)", mmlu["rest_s"]]]))
+                    ["  of which the rest (host-side Python)", mmlu["rest_s"]]])
+                + f"\n\nAt batch 1,024 the forward calls run {mmlu['token_positions_run']:,} token positions for "
+                f"{mmlu['real_tokens']:,} real tokens (exemplar prefixes included once per subject; the rest is left "
+                "padding to each batch's longest question).")
     print(markdown)
     if args.output is not None:
         write_json(args.output, results)

@@ -67,12 +67,12 @@ def test_eval_benchmark_quick_run(tmp_path):
     write_bbh_folder(tmp_path / "data" / "bbh")
     write_mmlu_folder(tmp_path / "data" / "mmlu")
     results = bench_eval.main(["--quick", "--data_dir", str(tmp_path / "data"), "--output", str(tmp_path / "eval.json"),
-                               "--batch_sizes", "3,auto"])
+                               "--batch_sizes", "3,auto", "--passes", "2"])
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["rows"] == results["rows"] and (tmp_path / "eval.md").is_file()
-    assert [(r["model"], r["benchmark"], r["variant"], r["batch_size"]) for r in saved["rows"]] == [
-        (m, b, *v) for m in bench_eval.MODELS for b in bench_eval.BENCHMARKS
-        for v in (("before", 64), ("after", 3), ("after", "auto"))]
+    assert [(r["model"], r["benchmark"], r["variant"], r["batch_size"], r["pass"]) for r in saved["rows"]] == [
+        (m, b, *v, p) for m in bench_eval.MODELS for b in bench_eval.BENCHMARKS
+        for v in (("before", 64), ("after", 3), ("after", "auto")) for p in (1, 2)]
     assert all(r["items"] == 4 and r["questions_per_s"] > 0 for r in saved["rows"])  # 2 tasks / subjects x 2 items
     # float32 on the CPU: the new path gives the former path's decisions and batch size 1's outputs
     assert all(a["decisions_equal"] == 1.0 and a.get("outputs_equal", 1.0) == 1.0 for a in saved["agreement"])
@@ -133,6 +133,7 @@ def test_host_benchmark_times_the_gguf_load_and_splits_mmlu_s_host_work(tmp_path
     assert set(results["model_load"]) == {"gguf_direct_s", "cached_folder_s"}
     mmlu = results["mmlu_host"]
     assert mmlu["questions"] > 0 and mmlu["tokenising_s"] + mmlu["model_forward_s"] <= mmlu["total_s"]
+    assert 0 < mmlu["real_tokens"] <= mmlu["token_positions_run"]
     assert "| the same from the cached converted folder |" in (tmp_path / "host.md").read_text()
     with pytest.raises(SystemExit):
         bench_host.main(["--data_dir", str(tmp_path / "nothing")])
