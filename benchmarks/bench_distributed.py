@@ -57,7 +57,7 @@ from mtlora.checkpoint import load_adapter
 from mtlora.config import AdapterConfig
 from mtlora.loading import build_meta_model
 from mtlora.training import run_training
-from mtlora.training_data import tokenize_record
+from mtlora.training_data import tokenize_records
 from mtlora.train_cli import parse_arguments
 
 SCRIPT = Path(__file__).resolve()
@@ -182,8 +182,8 @@ def prepare_data(work_dir: Path, tokenizer, count: int, seq_len: int, vocab_size
     path = work_dir / f"records-{count}x{seq_len}.jsonl"
     if not path.is_file():
         records = synthetic_records(tokenizer, count, seq_len)
-        for index, record in enumerate(records):  # every example fills seq_len, with ids inside the vocabulary
-            ids = tokenize_record(record, tokenizer, seq_len)[0]["input_ids"]
+        for index, (example, _) in enumerate(tokenize_records(records, tokenizer, seq_len)):  # every example fills
+            ids = example["input_ids"]  # seq_len, with ids inside the vocabulary
             if len(ids) != seq_len or max(ids) >= vocab_size:
                 raise RuntimeError(f"synthetic record {index}: {len(ids)} tokens, largest id {max(ids)}")
         path.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -27,7 +27,7 @@ from mtlora.evaluation.batching import truncate_left
 from mtlora.evaluation.bbh import NUM_EXEMPLARS, available_tasks, build_bbh_prompt, load_bbh_task
 from mtlora.injection import adapter_modules, adapter_state_dict, attach_adapters
 from mtlora.library import read_lora_modules
-from mtlora.training_data import IGNORE_INDEX, PaddingCollator, tokenize_record
+from mtlora.training_data import IGNORE_INDEX, PaddingCollator, tokenize_records
 
 L1_ALPHA = 0.05
 WEIGHT_BOUND = 1.5
@@ -119,7 +119,7 @@ def minimize_cma(objective: Callable[[np.ndarray], float], x0: Sequence[float], 
 
 def records_to_examples(records: Sequence[dict], tokenizer, max_seq_length: int = 512) -> list[dict]:
     """Instruction records in the training format (``<bos>instruction[\\ninput]<eos>output<eos>``, loss on output)."""
-    return [tokenize_record(record, tokenizer, max_seq_length)[0] for record in records]
+    return [example for example, _ in tokenize_records(records, tokenizer, max_seq_length)]
 
 
 def prompt_target_example(prompt: str, target: str, tokenizer, max_seq_length: int = 2048) -> dict:

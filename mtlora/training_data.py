@@ -9,6 +9,7 @@ trained on. Task labels are used by MMoELoRA's task gate only; routing never see
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mtlora.errors import InvalidInput, MissingInput
-from mtlora.prompts import encode_prompt
+from mtlora.prompts import encode_batch, encode_prompts
 
 IGNORE_INDEX = -100
 REQUIRED_TEXT_FIELDS = ("instruction", "output")
@@ -90,14 +91,25 @@ def read_instruction_records(path: str | Path, flag: str = "--data_path") -> lis
     return records
 
 
-def tokenize_record(record: dict, tokenizer, max_seq_length: int) -> tuple[dict, bool]:
-    """Token ids and labels (prompt masked) for one record, and whether it had to be truncated.
+def tokenize_records(records: Sequence[dict], tokenizer, max_seq_length: int) -> list[tuple[dict, bool]]:
+    """Per record, token ids and labels (prompt masked), and whether it had to be truncated; the texts are encoded
+    in batches.
 
     Over-long examples keep their response (up to half the budget when the prompt is long) and
     lose the start of the prompt, so every example keeps tokens to learn from.
     """
-    prompt_ids = encode_prompt(tokenizer, record)
-    response_ids = tokenizer.encode(record["output"], add_special_tokens=False) + [tokenizer.eos_token_id]
+    prompts = encode_prompts(tokenizer, records)
+    responses = encode_batch(tokenizer, [r["output"] for r in records], add_special_tokens=False)
+    return [_example(prompt_ids, response_ids + [tokenizer.eos_token_id], max_seq_length)
+            for prompt_ids, response_ids in zip(prompts, responses, strict=True)]
+
+
+def tokenize_record(record: dict, tokenizer, max_seq_length: int) -> tuple[dict, bool]:
+    """:func:`tokenize_records` of one record."""
+    return tokenize_records([record], tokenizer, max_seq_length)[0]
+
+
+def _example(prompt_ids: list[int], response_ids: list[int], max_seq_length: int) -> tuple[dict, bool]:
     truncated = len(prompt_ids) + len(response_ids) > max_seq_length
     if truncated:
         response_ids = response_ids[: max(max_seq_length - len(prompt_ids), max_seq_length // 2)]
@@ -119,8 +131,7 @@ class InstructionDataset(Dataset):
         self.task_names = task_names or task_labels(records)
         task_index = {name: i for i, name in enumerate(self.task_names)}
         self.examples, self.num_truncated = [], 0
-        for record in records:
-            example, truncated = tokenize_record(record, tokenizer, max_seq_length)
+        for record, (example, truncated) in zip(records, tokenize_records(records, tokenizer, max_seq_length)):
             example["task_id"] = task_index.get(record["task_type"], 0)
             self.examples.append(example)
             self.num_truncated += truncated

@@ -15,7 +15,8 @@ import torch
 
 from mtlora.config import AdapterConfig
 from mtlora.evaluation import batching, distributed
-from mtlora.evaluation.batching import (cut_at_stop, encode_batch, generate_batched, group_prompts, next_token_scores)
+from mtlora.evaluation.batching import cut_at_stop, generate_batched, group_prompts, next_token_scores
+from mtlora.prompts import encode_batch
 from mtlora.evaluation.prefix import common_prefix_length, rows_are_independent
 from mtlora.injection import attach_adapters
 from mtlora.mole import attach_mole, mole_gates
@@ -159,6 +160,8 @@ def test_encode_batch_equals_one_call_per_text(smollm2_tokenizer, tokenizer):
     texts = ["Q: not True is\nA:", "Question: 2 + 2 = ?\nA. 3\nAnswer: B\n\n", "", "  leading spaces", "é 日本"]
     for tok in (smollm2_tokenizer, tokenizer):
         assert encode_batch(tok, texts) == [tok(t).input_ids for t in texts]
+        assert encode_batch(tok, texts, add_special_tokens=False) == [tok.encode(t, add_special_tokens=False)
+                                                                      for t in texts]
 
 
 def test_encode_batch_falls_back_to_the_tokenizer_call():
@@ -170,11 +173,12 @@ def test_encode_batch_falls_back_to_the_tokenizer_call():
             def encode_batch_fast(texts, add_special_tokens=True):
                 return [type("Encoding", (), {"ids": [ord(c) for c in t]})() for t in texts]
 
-        def __call__(self, texts):
-            one = lambda t: [9] + [ord(c) for c in t]  # noqa: E731
+        def __call__(self, texts, add_special_tokens=True):
+            one = lambda t: [9] * add_special_tokens + [ord(c) for c in t]  # noqa: E731
             return type("Encoding", (), {"input_ids": one(texts) if isinstance(texts, str) else [one(t) for t in texts]})
 
     assert encode_batch(Wrapped(), ["ab", "c"]) == [[9, 97, 98], [9, 99]]
+    assert encode_batch(Wrapped(), ["ab"], add_special_tokens=False) == [[97, 98]]
 
 
 def test_shards_interleave_and_gather_restores_the_order(monkeypatch):

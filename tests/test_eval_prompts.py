@@ -11,7 +11,7 @@ from mtlora.evaluation.heldout import limit_per_task
 from mtlora.evaluation.mmlu import (build_mmlu_prompt, fit_prompt, format_header, letter_token_ids,
                                     load_mmlu_csv, resolve_subjects, subject_prompts)
 from mtlora.prompts import build_training_prompt, encode_prompt
-from mtlora.training_data import DataFormatError, read_instruction_records, tokenize_record
+from mtlora.training_data import IGNORE_INDEX, DataFormatError, read_instruction_records, tokenize_record, tokenize_records
 from tests.helpers import write_bbh_folder, write_mmlu_folder
 
 
@@ -197,3 +197,23 @@ def test_heldout_limit_is_per_task_in_file_order():
     records = [{"task_type": t, "n": i} for i, t in enumerate("aabab")]
     assert [r["n"] for r in limit_per_task(records, 1)] == [0, 2]
     assert len(limit_per_task(records, None)) == 5
+
+
+def test_batched_record_encoding_equals_one_encode_call_per_text(smollm2_tokenizer):
+    """Training and held-out prompts are encoded in batches: the ids are those of one tokenizer.encode per text,
+    truncation included."""
+    tok = smollm2_tokenizer
+    records = [{"instruction": "Sort the words", "input": " zeta  alpha é", "output": "alpha zeta", "task_type": "a"},
+               {"instruction": "Answer:", "input": "", "output": " yes\n", "task_type": "b"},
+               {"instruction": "long " * 200, "input": "", "output": "end " * 50, "task_type": "a"}]
+    examples = tokenize_records(records, tok, max_seq_length=128)
+    for record, (example, truncated) in zip(records, examples):
+        text = build_training_prompt(record["instruction"], record["input"])
+        prompt = [tok.bos_token_id] + tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        response = tok.encode(record["output"], add_special_tokens=False) + [tok.eos_token_id]
+        assert encode_prompt(tok, record) == prompt
+        assert truncated == (len(prompt) + len(response) > 128)
+        if not truncated:
+            assert example["input_ids"] == prompt + response
+            assert example["labels"] == [IGNORE_INDEX] * len(prompt) + response
+    assert examples[2][1] and len(examples[2][0]["input_ids"]) == 128

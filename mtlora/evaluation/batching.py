@@ -1,6 +1,6 @@
 """Batched greedy generation and next-token scoring for decoder-only models.
 
-Both evaluators tokenise their prompts (:func:`encode_batch`) and hand token-id lists here, with a
+Both evaluators tokenise their prompts (:func:`mtlora.prompts.encode_batch`) and hand token-id lists here, with a
 group per prompt (its BBH task or MMLU subject). Within a group the prompts share their few-shot
 exemplars: the longest common prefix of their token ids is run once and its keys and values are
 reused for every row (:mod:`mtlora.evaluation.prefix`), so each row only runs its own suffix.
@@ -47,24 +47,6 @@ class NextTokenScores:
 
 
 # ------------------------------------------------------------------------------------------- tokens
-
-def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of ``texts`` (special tokens added as ``tokenizer(text)`` adds them), in one call.
-
-    A fast tokenizer's Rust backend encodes the whole list in parallel, without the offsets the Python
-    wrapper asks for; its ids are checked against ``tokenizer(text)`` on the first text and the wrapper
-    is used instead if they differ.
-    """
-    texts = list(texts)
-    if not texts:
-        return []
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
-        ids = [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=True)]
-        if ids[0] == list(tokenizer(texts[0]).input_ids):
-            return ids
-    return [list(ids) for ids in tokenizer(texts).input_ids]
-
 
 def truncate_left(ids: Sequence[int], max_length: int, keep_first: int | None = None) -> list[int]:
     """Keep the last ``max_length`` tokens; ``keep_first`` (e.g. the BOS id) stays in front if it led."""

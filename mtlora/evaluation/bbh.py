@@ -21,10 +21,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mtlora.errors import InvalidInput, MissingInput
 from mtlora.evaluation import distributed
 from mtlora.evaluation.answers import exact_match, extract_answer, infer_answer_kind, lenient_match
-from mtlora.evaluation.batching import (REFERENCE_MAX_LENGTH, TRUNCATIONS, encode_batch, generate_batched,
+from mtlora.evaluation.batching import (REFERENCE_MAX_LENGTH, TRUNCATIONS, generate_batched,
                                         truncate_left, truncate_right)
 from mtlora.evaluation.reporting import markdown_table, mean, write_results
 from mtlora.evaluation.selection import check_choice, select_requested
+from mtlora.prompts import encode_batch
 
 NUM_EXEMPLARS = 3
 BBH_TASKS = (

@@ -1,7 +1,7 @@
 """Held-out accuracy on instruction records (e.g. ``eval.jsonl`` of ``data/prepare.py bigbench``).
 
 Records are read by the training reader (``mtlora.training_data.read_instruction_records``) and fed
-in the training format by the training encoder (``mtlora.prompts.encode_prompt``); the answer is
+in the training format by the training encoder (``mtlora.prompts.encode_prompts``); the answer is
 generated greedily up to EOS, and scored two ways: ``exact`` (normalised generation equals the
 normalised ``output``) and ``lenient`` (the normalised ``output`` occurs in the normalised
 generation); a record's optional ``references`` list adds other acceptable answers.
@@ -20,7 +20,7 @@ from mtlora.evaluation import distributed
 from mtlora.evaluation.answers import exact_match, normalize
 from mtlora.evaluation.batching import generate_batched, truncate_left
 from mtlora.evaluation.reporting import markdown_table, mean, write_json
-from mtlora.prompts import encode_prompt
+from mtlora.prompts import encode_prompts
 
 def generate_for_records(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[dict],
                          max_new_tokens: int = 64, batch_size: int | None = 8, max_length: int | None = None,
@@ -28,7 +28,7 @@ def generate_for_records(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     """Greedy answers to records with ``instruction`` and ``input``, fed in the training format; prompts longer
     than ``max_length`` (default: the model's context) minus ``max_new_tokens`` lose their start (BOS kept)."""
     budget = (max_length or model.config.max_position_embeddings) - max_new_tokens
-    prompts = [truncate_left(encode_prompt(tokenizer, r), budget, keep_first=tokenizer.bos_token_id) for r in records]
+    prompts = [truncate_left(ids, budget, keep_first=tokenizer.bos_token_id) for ids in encode_prompts(tokenizer, records)]
     return generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, desc=desc)
 
 

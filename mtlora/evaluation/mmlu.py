@@ -32,10 +32,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mtlora.errors import InvalidInput, MissingInput
 from mtlora.evaluation import distributed
 from mtlora.evaluation.answers import MMLU_SCORERS, argmax_letter, reference_letter, score_generated_letter
-from mtlora.evaluation.batching import (REFERENCE_MAX_LENGTH, TRUNCATIONS, encode_batch, next_token_scores, truncate_left,
+from mtlora.evaluation.batching import (REFERENCE_MAX_LENGTH, TRUNCATIONS, next_token_scores, truncate_left,
                                         truncate_right)
 from mtlora.evaluation.reporting import markdown_table, mean, write_results
 from mtlora.evaluation.selection import check_choice, select_requested
+from mtlora.prompts import encode_batch
 
 LETTERS = "ABCD"
 NUM_SHOTS = 5
