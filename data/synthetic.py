@@ -5,7 +5,7 @@ measure time and memory; what it learns does not matter, but how many tokens eac
 records here are strings of single-token words whose prompt and response lengths (in tokens of the given
 tokenizer) are drawn from a quantile table:
 
-- prompt: ``<bos>instruction<eos>``, the tokens before the response (``mtlora.prompts.encode_prompt``);
+- prompt: ``<bos>instruction<eos>``, the tokens before the response (``mtlora.prompts.encode_prompts``);
 - response: ``output<eos>``.
 
 The built-in table, ``BIGBENCH_POOL``, is the measured distribution of the BIG-bench pool of the small scale
@@ -32,7 +32,7 @@ import numpy as np
 
 from data.sources import DataSourceError
 from mtlora.evaluation.reporting import write_json, write_jsonl
-from mtlora.prompts import encode_prompt
+from mtlora.prompts import encode_prompts
 
 QUANTILES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 # measure_lengths(data/processed/bigbench/train.jsonl, SmolLM2 tokenizer): prompt mean 292, response mean 10.8,
@@ -48,7 +48,7 @@ LLAMA2_VOCABULARY = 32_000
 
 def measure_lengths(records: Sequence[dict], tokenizer, source: str) -> dict:
     """The quantile table of ``records``' prompt and response token counts (the format of BIGBENCH_POOL)."""
-    prompts = [len(encode_prompt(tokenizer, r)) for r in records]
+    prompts = [len(ids) for ids in encode_prompts(tokenizer, records)]
     responses = [len(tokenizer.encode(r["output"], add_special_tokens=False)) + 1 for r in records]
     return {"source": source, "quantiles": QUANTILES,
             "prompt": tuple(int(round(np.quantile(prompts, q))) for q in QUANTILES),

@@ -38,8 +38,3 @@ def encode_prompts(tokenizer, records: Sequence[dict]) -> list[list[int]]:
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     texts = [build_training_prompt(r["instruction"], r.get("input") or "") for r in records]
     return [bos + ids + [tokenizer.eos_token_id] for ids in encode_batch(tokenizer, texts, add_special_tokens=False)]
-
-
-def encode_prompt(tokenizer, record: dict) -> list[int]:
-    """:func:`encode_prompts` of one record."""
-    return encode_prompts(tokenizer, [record])[0]

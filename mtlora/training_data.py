@@ -104,11 +104,6 @@ def tokenize_records(records: Sequence[dict], tokenizer, max_seq_length: int) ->
             for prompt_ids, response_ids in zip(prompts, responses, strict=True)]
 
 
-def tokenize_record(record: dict, tokenizer, max_seq_length: int) -> tuple[dict, bool]:
-    """:func:`tokenize_records` of one record."""
-    return tokenize_records([record], tokenizer, max_seq_length)[0]
-
-
 def _example(prompt_ids: list[int], response_ids: list[int], max_seq_length: int) -> tuple[dict, bool]:
     truncated = len(prompt_ids) + len(response_ids) > max_seq_length
     if truncated:

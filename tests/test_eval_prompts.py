@@ -10,8 +10,8 @@ from mtlora.evaluation.bbh import build_bbh_prompt, load_bbh_task, resolve_tasks
 from mtlora.evaluation.heldout import limit_per_task
 from mtlora.evaluation.mmlu import (build_mmlu_prompt, fit_prompt, format_header, letter_token_ids,
                                     load_mmlu_csv, resolve_subjects, subject_prompts)
-from mtlora.prompts import build_training_prompt, encode_prompt
-from mtlora.training_data import IGNORE_INDEX, DataFormatError, read_instruction_records, tokenize_record, tokenize_records
+from mtlora.prompts import build_training_prompt, encode_prompts
+from mtlora.training_data import IGNORE_INDEX, DataFormatError, read_instruction_records, tokenize_records
 from tests.helpers import write_bbh_folder, write_mmlu_folder
 
 
@@ -170,9 +170,10 @@ def test_training_prompt_and_heldout_encoding():
     assert build_training_prompt("Translate.", "bonjour") == "Translate.\nbonjour"
     assert build_training_prompt("Say hi.", "") == "Say hi."
     record = {"instruction": "Hi", "input": "x", "output": "o", "task_type": "t"}
-    assert encode_prompt(CharTokenizer(), record) == [1, ord("H"), ord("i"), ord("\n"), ord("x"), 2]
-    example, _ = tokenize_record(record, CharTokenizer(), max_seq_length=64)  # training sees the same prompt ids
-    assert example["input_ids"][:6] == encode_prompt(CharTokenizer(), record)
+    (prompt,) = encode_prompts(CharTokenizer(), [record])
+    assert prompt == [1, ord("H"), ord("i"), ord("\n"), ord("x"), 2]
+    ((example, _),) = tokenize_records([record], CharTokenizer(), max_seq_length=64)  # training sees the same ids
+    assert example["input_ids"][:6] == prompt
     assert example["labels"][:6] == [-100] * 6 and example["input_ids"][6:] == [ord("o"), 2]
 
 
@@ -211,7 +212,7 @@ def test_batched_record_encoding_equals_one_encode_call_per_text(smollm2_tokeniz
         text = build_training_prompt(record["instruction"], record["input"])
         prompt = [tok.bos_token_id] + tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
         response = tok.encode(record["output"], add_special_tokens=False) + [tok.eos_token_id]
-        assert encode_prompt(tok, record) == prompt
+        assert encode_prompts(tok, [record]) == [prompt]
         assert truncated == (len(prompt) + len(response) > 128)
         if not truncated:
             assert example["input_ids"] == prompt + response

@@ -14,7 +14,7 @@ from mtlora.experiments import dry_run, memory_plan, registry
 from mtlora.experiments.jobs import Job, RunSettings
 from mtlora.experiments.registry import SCALES, TABLES, Track
 from mtlora.loading import ModuloTokenizer, build_random_model, load_model_for_eval, load_tokenizer
-from mtlora.prompts import encode_prompt
+from mtlora.prompts import encode_prompts
 from mtlora.training import run_training
 from tests.helpers import (REPO, REPO_CONFIGS, TOKENIZER_DIR, training_arguments, write_bbh_folder, write_config_folder,
                            write_mmlu_folder, write_multitask_records)
@@ -107,7 +107,7 @@ def test_evaluating_a_random_model_folds_a_larger_tokenizer(tmp_path):
 def test_synthetic_records_have_exactly_the_drawn_lengths(tokenizer):
     table = {"quantiles": QUANTILES, "prompt": (37,) * len(QUANTILES), "response": (9,) * len(QUANTILES)}
     records = synthetic_records(tokenizer, 20, table, num_tasks=4, max_token_id=20_000)
-    assert {len(encode_prompt(tokenizer, r)) for r in records} == {37}
+    assert {len(ids) for ids in encode_prompts(tokenizer, records)} == {37}
     assert {len(tokenizer.encode(r["output"], add_special_tokens=False)) + 1 for r in records} == {9}
     assert max(max(tokenizer.encode(r["instruction"] + " " + r["output"])) for r in records) < 20_000
     assert sorted({r["task_type"] for r in records}) == [f"synthetic_0{i}" for i in range(4)]
