@@ -255,6 +255,13 @@ def test_a_run_trained_at_another_split_is_reused_when_it_need_not_train_again(t
     assert smaller.run_dir != large.run_dir and smaller.training["per_device_train_batch_size"] == split
     assert f"not reusing {large.run_dir.name}" in capsys.readouterr().out
 
+    from mtlora.experiments.runner import report_micro_batches
+
+    seed_43 = replace(_job(data=multitask_records, gpu_memory_gib=79.0, results_dir=tmp_path / "a"), seed=43)
+    report_micro_batches([resumed, seed_43], resumed.settings)  # s42 reuses its earlier split, s43 gets the plan's
+    assert f"warning: mtlora (flan_bbh) has seeds at different micro-batch splits (16 x 2, {split} x {32 // split})" \
+        in capsys.readouterr().out
+
     kept = trained(_job(data=multitask_records, gpu_memory_gib=79.0, results_dir=tmp_path / "c"), weights=True)
     assert _job(data=multitask_records, gpu_memory_gib=19.0, results_dir=tmp_path / "c").run_dir == kept.run_dir  # evaluation only
     assert _job(data=multitask_records, gpu_memory_gib=19.0, results_dir=tmp_path / "d").run_dir.name == smaller.run_dir.name

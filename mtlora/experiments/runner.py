@@ -416,3 +416,13 @@ def report_micro_batches(jobs: list[Job], settings: RunSettings) -> None:
             raise SystemExit(f"error: {err}") from None
     for choice, keys in choices.items():
         print(f"GPU memory {settings.gpu_memory_gib:.1f} GiB per job: {', '.join(dict.fromkeys(keys))}: {choice}")
+    splits: dict[tuple[str, str], set[str]] = {}
+    for job in jobs:
+        if job.micro_batch is not None:
+            splits.setdefault((job.row.key, job.track.name), set()).add(
+                f"{job.micro_batch.micro_batch} x {job.micro_batch.accumulation}")
+    for (key, track), found in splits.items():
+        if len(found) > 1:
+            print(f"warning: {key} ({track}) has seeds at different micro-batch splits ({', '.join(sorted(found))}); "
+                  "under the reference's per-micro-batch loss averaging they are different settings: more "
+                  "--gpu_memory_gb per job (or a smaller --parallel) keeps one")
