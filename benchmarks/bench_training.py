@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from benchmarks.bench_adapters import command_and_date
-from mtlora.evaluation.reporting import markdown_table, read_json, write_json
+from benchmarks.bench_adapters import command_and_date, write_outputs
+from mtlora.evaluation.reporting import markdown_table, read_json
 from mtlora.experiments.jobs import Job, RunSettings
 from mtlora.experiments.registry import SCALES, TABLES
 
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
                "rows": rows}
     markdown = render(results)
     print(markdown)
-    if args.output is not None:
-        write_json(args.output, results)
-        args.output.with_suffix(".md").write_text(markdown + "\n")
+    write_outputs(args.output, results, markdown)
     return results
 
 

@@ -31,13 +31,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from benchmarks.bench_adapters import command_and_date, synchronize
+from benchmarks.bench_adapters import command_and_date, synchronize, write_outputs
 from benchmarks.bench_eval import REPO, load_model
-from mtlora.checkpoint import load_adapter
 from mtlora.evaluation.bbh import run_bbh
 from mtlora.evaluation.mmlu import run_mmlu
-from mtlora.evaluation.reporting import markdown_table, write_json
-from mtlora.injection import detach_adapters
+from mtlora.evaluation.reporting import markdown_table
 
 RUNNERS = {"bbh": run_bbh, "mmlu": run_mmlu}
 VARIANTS = {  # name -> (evaluator options, attention implementation)
@@ -160,22 +158,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def save(results: dict, output: Path | None, table: str | None = None) -> None:
-    if output is not None:
-        write_json(output, results)
-        output.with_suffix(".md").write_text(markdown(results))
-        if table is not None:
-            output.with_suffix(".txt").write_text(table + "\n")
+    write_outputs(output, results, markdown(results))
+    if output is not None and table is not None:
+        output.with_suffix(".txt").write_text(table + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokenizer = load_model("smollm2", args.quick, device, dtype, args.smollm2_path)
-    if args.adapter is not None:
-        detach_adapters(model)
-        load_adapter(model, args.adapter)
-        model.to(dtype)
+    model, tokenizer = load_model("smollm2", args.quick, device, dtype, args.smollm2_path, args.adapter)
     results = {"meta": {**command_and_date(argv), "benchmark": args.benchmark,
                         "adapter": str(args.adapter) if args.adapter else "random mtLoRA (bench_eval)",
                         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -107,16 +107,15 @@ class Job:
         to evaluate, or its step fits this invocation's memory. None when the planned split's run was trained, or no
         other was."""
         folders = self._runs_folder.glob(f"{self._run_name}-*/train_summary.json")
-        if next(folders, None) is None or self._trained_at(planned.micro_batch):
+        if next(folders, None) is None or self._trained_run_at(planned.micro_batch) is not None:
             return None
         per_device = planned.micro_batch * planned.accumulation
         for micro in (d for d in range(per_device, 0, -1) if per_device % d == 0 and d != planned.micro_batch):
-            if not self._trained_at(micro):
+            run_dir = self._trained_run_at(micro)
+            if run_dir is None:
                 continue
-            run_dir = self._run_dir_at(micro)
             split = plan_at(micro)
-            evaluations = {suite: self.eval_identity(suite) for suite in self.suites}
-            if (is_adapter_checkpoint(run_dir) or not pending_suites(run_dir, evaluations)
+            if (is_adapter_checkpoint(run_dir) or not self.pending_suites(run_dir)
                     or fits(split.peak_gib, self.settings.gpu_memory_gib)):
                 print(f"{self.row.key} s{self.seed}: reusing {run_dir.name}, trained at micro-batch {split.micro_batch} x "
                       f"{split.accumulation} (this --gpu_memory_gb plans {planned.micro_batch} x {planned.accumulation})")
@@ -126,11 +125,10 @@ class Job:
                   f"{self.settings.gpu_memory_gib:.1f}): trains again at {planned.micro_batch} x {planned.accumulation}")
         return None
 
-    def _trained_at(self, micro_batch: int) -> bool:
-        return (self._run_dir_at(micro_batch) / "train_summary.json").is_file()
-
-    def _run_dir_at(self, micro_batch: int) -> Path:
-        return self._run_dir_of(self._identity_of(self._training_at(micro_batch)))
+    def _trained_run_at(self, micro_batch: int) -> Path | None:
+        """This job's run folder at ``micro_batch`` rows per step, if a run was trained there."""
+        run_dir = self._run_dir_of(self._identity_of(self._training_at(micro_batch)))
+        return run_dir if (run_dir / "train_summary.json").is_file() else None
 
     # -------------------------------------------------------------------------------------- identity
 
@@ -168,6 +166,10 @@ class Job:
     def _run_name(self) -> str:
         name = self.row.key if self.kind == "base" else f"{self.row.key}-s{self.seed}"
         return name if self.settings.dry_run is None else f"dryrun-{name}"
+
+    def pending_suites(self, run_dir: Path | None = None) -> list[str]:
+        """The job's suites still to evaluate in its run folder (or ``run_dir``)."""
+        return pending_suites(run_dir or self.run_dir, {suite: self.eval_identity(suite) for suite in self.suites})
 
     def eval_identity(self, suite: str) -> dict:
         """What a suite's scores depend on besides the adapter (the evaluator writes the same next to them)."""

@@ -27,7 +27,6 @@ from mtlora.checkpoint import is_adapter_checkpoint
 from mtlora.errors import UsageError
 from mtlora.evaluation.reporting import read_json, write_json, write_jsonl
 from mtlora.experiments import dry_run, results
-from mtlora.experiments.evaluate import pending_suites
 from mtlora.experiments.jobs import REPO_ROOT, Job, RunSettings, as_cli
 from mtlora.experiments.registry import BASE, SCALES, TABLES, Row, Scale, Table, Track
 from mtlora.experiments.results import BASELINE_KEY
@@ -148,15 +147,10 @@ def visible_gpu(index: int) -> str:
     return visible[index] if index < len(visible) else str(index)
 
 
-def pending(job: Job) -> list[str]:
-    """The job's suites still to evaluate."""
-    return pending_suites(job.run_dir, {suite: job.eval_identity(suite) for suite in job.suites})
-
-
 def weights_needed(jobs: list[Job]) -> set[Path]:
     """Run folders whose weights a job still to do reads: the library of an unfinished merge, LoRAHub or MoLE job,
     the HydraLoRA run of an unfinished naive-averaging job."""
-    return {j.depends_on.run_dir for j in jobs if j.depends_on is not None and pending(j)}
+    return {j.depends_on.run_dir for j in jobs if j.depends_on is not None and j.pending_suites()}
 
 
 def finished_without_weights(job: Job, needed: set[Path]) -> bool:
@@ -168,7 +162,7 @@ def finished_without_weights(job: Job, needed: set[Path]) -> bool:
         return True  # read by its dependents only, all finished
     if job.kind in ("adapter", "mole") and not (job.run_dir / "train_summary.json").is_file():
         return False
-    return job.kind in ("adapter", "mole", "merge", "merge_tuned", "lorahub") and not pending(job)
+    return job.kind in ("adapter", "mole", "merge", "merge_tuned", "lorahub") and not job.pending_suites()
 
 
 def execute(job: Job, bar: tqdm, gpu: int | None = None, needed: frozenset = frozenset()) -> None:
@@ -184,7 +178,7 @@ def execute(job: Job, bar: tqdm, gpu: int | None = None, needed: frozenset = fro
         if job.kind == "library":
             write_json(job.run_dir / "timings.json", timings)
             return
-        if pending(job):
+        if job.pending_suites():
             command = job.evaluation_command(checkpoint, model)
             timings["eval"] = timings.get("eval", 0.0) + run_step(command, job.run_dir / "eval.log", job.run_dir,
                                                                  bar, f"{job.row.key} s{job.seed}: evaluating", env)
@@ -407,20 +401,18 @@ def report_micro_batches(jobs: list[Job], settings: RunSettings) -> None:
     """Plan every job's micro-batch for --gpu_memory_gb before any work, and print the choices."""
     if settings.gpu_memory_gib is None:
         return
-    choices = {}
-    for job in jobs:
-        try:
-            if job.micro_batch is not None:
-                choices.setdefault(job.micro_batch.describe(), []).append(job.row.key)
-        except UsageError as err:
-            raise SystemExit(f"error: {err}") from None
-    for choice, keys in choices.items():
-        print(f"GPU memory {settings.gpu_memory_gib:.1f} GiB per job: {', '.join(dict.fromkeys(keys))}: {choice}")
+    choices: dict[str, list[str]] = {}
     splits: dict[tuple[str, str], set[str]] = {}
     for job in jobs:
-        if job.micro_batch is not None:
-            splits.setdefault((job.row.key, job.track.name), set()).add(
-                f"{job.micro_batch.micro_batch} x {job.micro_batch.accumulation}")
+        try:
+            split = job.micro_batch
+        except UsageError as err:
+            raise SystemExit(f"error: {err}") from None
+        if split is not None:
+            choices.setdefault(split.describe(), []).append(job.row.key)
+            splits.setdefault((job.row.key, job.track.name), set()).add(f"{split.micro_batch} x {split.accumulation}")
+    for choice, keys in choices.items():
+        print(f"GPU memory {settings.gpu_memory_gib:.1f} GiB per job: {', '.join(dict.fromkeys(keys))}: {choice}")
     for (key, track), found in splits.items():
         if len(found) > 1:
             print(f"warning: {key} ({track}) has seeds at different micro-batch splits ({', '.join(sorted(found))}); "
