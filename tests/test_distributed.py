@@ -242,6 +242,21 @@ def test_distributed_benchmark_quick_run_on_cpu(tmp_path):
     assert saved["skipped"] == [] and saved["environment"]["device"] == "cpu (gloo)"
     assert (tmp_path / "out" / "distributed_quick.md").read_text().count("| tiny |") == 4
 
+def test_gpu_plan_runs_each_plain_run_before_its_offloaded_runs():
+    from benchmarks import bench_distributed as bench
+
+    jobs = bench.gpu_plan()
+    order = [run.name for job in jobs for run in job.runs]
+    for model in ("smollm2-135m", "llama-2-7b"):  # ZeRO-3 + CPU offload for every method at both shapes
+        for method in bench.METHODS:
+            offloaded = order.index(f"{model}-{method}-zero3_offload")
+            assert order.index(f"{model}-{method}-1gpu") < offloaded
+    large_zero3 = [job for job in jobs if any(r.name.startswith("llama-2-7b") and r.mode == "zero3_offload"
+                                              for r in job.runs)]
+    assert len(large_zero3) == len(bench.METHODS) and all(len(job.runs) == 1 for job in large_zero3)
+    assert [job.gpus for job in jobs][-1] == 2  # one-GPU jobs first: a one-GPU selection never waits behind it
+
+
 # ------------------------------------------------------------------------------ checks before loading (fast)
 
 def _deepspeed_args(tmp_path, config: dict | Path) -> AdapterTrainingArguments:
