@@ -35,3 +35,34 @@ def test_task_scaling_points_are_per_row_over_task_counts(tmp_path):
     path.write_text(json.dumps({**table, "table": "main_ablation"}))
     with pytest.raises(SystemExit, match="expected one of routing_granularity"):
         table_plots.table_plot(path, tmp_path / "out")
+
+
+def _trained_run(results_dir, name, heldout=None):
+    run = results_dir / "small" / "runs" / "bigbench" / name
+    run.mkdir(parents=True)
+    (run / "train_summary.json").write_text("{}")
+    if heldout is not None:
+        (run / "eval" / "heldout").mkdir(parents=True)
+        (run / "eval" / "heldout" / "summary.json").write_text(json.dumps({"average": {"exact": heldout}}))
+
+
+def test_retrain_noise_compares_runs_trained_in_both_folders(tmp_path):
+    from analysis import retrain_noise
+
+    _trained_run(tmp_path / "a", "baseline-s42-x", heldout=0.30)
+    _trained_run(tmp_path / "b", "baseline-s42-x", heldout=0.32)
+    _trained_run(tmp_path / "a", "only-here-s42-y", heldout=0.5)  # trained once: nothing to compare
+    _trained_run(tmp_path / "b", "mtlora-s42-z")
+    _trained_run(tmp_path / "a", "mtlora-s42-z", heldout=0.4)  # evaluated in one copy only
+    summary = retrain_noise.main(["--kept", str(tmp_path / "a"), "--other", str(tmp_path / "b"),
+                                  "--output", str(tmp_path / "out" / "noise")])
+    assert summary["heldout"]["runs"] == 1 and summary["heldout"]["max_abs"] == pytest.approx(2.0)
+    rows = json.loads((tmp_path / "out" / "noise.json").read_text())["runs"]
+    assert [(r["run"].split("/")[-1], r["metric"]) for r in rows] == [("baseline-s42-x", "heldout")]
+    assert rows[0]["difference"] == pytest.approx(2.0)
+    _trained_run(tmp_path / "c", "other-s1-w", heldout=0.1)
+    with pytest.raises(ValueError, match="share no trained run"):
+        retrain_noise.main(["--kept", str(tmp_path / "a"), "--other", str(tmp_path / "c"), "--output", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--other .* no trained run"):
+        retrain_noise.main(["--kept", str(tmp_path / "a"), "--other", str(tmp_path / "a" / "small"),
+                            "--output", str(tmp_path / "x")])
