@@ -253,3 +253,52 @@ def test_selection_follows_lm_eval_task_lists(local_data):
     assert continuation.requests == ["mmlu_anatomy_continuation", "mmlu_philosophy_continuation"]
     assert bbh_sel.names == ["boolean_expressions"]  # choices.json is not a BBH task: ignored
     assert resolve_benchmarks(["mmlu"], mmlu, None, subjects=["philosophy"])[0].tasks == ["mmlu_philosophy"]
+
+
+@pytest.fixture(scope="module")
+def context_sensitive_tiny(smollm2_tokenizer):
+    """``adapted_tiny`` with large random weights, so that what it writes depends on the prompt."""
+    model = tiny_llama(vocab_size=len(smollm2_tokenizer), initializer_range=1.0)
+    return randomize_adapters(attach_adapters(model, ADAPTER)), smollm2_tokenizer
+
+
+@pytest.fixture
+def stops_by_position(context_sensitive_tiny):
+    """``context_sensitive_tiny`` made to write "Q" (one of bbh_fewshot's stop strings) at every 5th position: a row's
+    stop depends on its own prompt length only, whatever batch it is in."""
+    model, tokenizer = context_sensitive_tiny
+    stop = tokenizer("Q", add_special_tokens=False).input_ids
+    assert len(stop) == 1
+    last = {}
+
+    def remember_position(module, args, kwargs):  # the row's real tokens so far (the mask marks the padding)
+        last["positions"] = kwargs["attention_mask"].sum(-1)
+
+    def raise_stop(module, args, logits):
+        logits[..., stop[0]] += 1e6 * (last["positions"] % 5 == 0).to(logits.dtype)[:, None]
+
+    handles = [model.register_forward_pre_hook(remember_position, with_kwargs=True),
+               model.lm_head.register_forward_hook(raise_stop)]
+    yield model, tokenizer
+    for handle in handles:
+        handle.remove()
+
+
+def test_batched_generation_equals_lm_eval_s_own_loop(stops_by_position, tmp_path):
+    model, tokenizer = stops_by_position
+    bbh = tmp_path / "bbh"
+    bbh.mkdir()
+    items = [{"input": " and ".join(["not True"] * n) + " is", "target": "False"} for n in range(1, 7)]
+    (bbh / "boolean_expressions.json").write_text(json.dumps(items))
+    runs = {engine: run_harness(model, tokenizer, ["bbh_fewshot"], bbh_dir=bbh, batch_size=4,
+                                generation=engine, generation_batch_size=3)
+            for engine in ("hflm", "batched")}
+    outputs = {engine: {(s["doc_id"], s["filter"]): s["filtered_resps"] for s in summary["samples"][
+        "bbh_fewshot_boolean_expressions"]} for engine, summary in runs.items()}
+    assert outputs["batched"] == outputs["hflm"] and len(outputs["hflm"]) == 12
+    lengths = {len(resps[0]) for (_, name), resps in outputs["hflm"].items() if name == "none"}
+    assert len(lengths) > 2 and max(lengths) > 0  # rows end at different points, none at the 256-token budget alone
+    assert runs["batched"]["results"] == runs["hflm"]["results"]
+    assert runs["batched"]["settings"]["generation"] == "batched"
+    with pytest.raises(ValueError, match="--harness_generation"):
+        run_harness(model, tokenizer, ["bbh_fewshot"], bbh_dir=bbh, generation="vllm")
