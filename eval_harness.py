@@ -20,7 +20,7 @@ import sys
 from mtlora.errors import UsageError
 from mtlora.evaluation.cli import (add_model_args, add_run_args, check_model_args, check_positive, default_data_dir,
                                    load_for_eval, model_metadata)
-from mtlora.evaluation.harness import GENERATION_ENGINES, harness_markdown, resolve_benchmarks, run_harness
+from mtlora.evaluation.harness import ENGINES, harness_markdown, resolve_benchmarks, run_harness
 from mtlora.evaluation.harness_tasks import BENCHMARKS
 
 
@@ -40,11 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_fewshot", type=int, default=None,
                         help="dev exemplars for the MMLU tasks (default: lm-eval's, 0; the leaderboard convention is 5); "
                              "bbh_fewshot always uses its 3 fixed exemplars")
-    parser.add_argument("--harness_generation", choices=GENERATION_ENGINES, default="batched",
-                        help="greedy generation (bbh_fewshot): 'batched' runs lm-eval's requests through this "
-                             "package's batched generation (a task's exemplars run once, rows leave the batch as "
-                             "they end; in float32 the same outputs as lm-eval's loop), 'hflm' through lm-eval's own "
-                             "loop")
+    parser.add_argument("--harness_engine", choices=ENGINES, default="batched",
+                        help="who runs lm-eval's requests: 'batched', this package's batched generation (a task's "
+                             "exemplars run once, rows leave the batch as they end) and scoring (one forward per "
+                             "prompt for one-token answers, log-probabilities of the answer positions only), in float32 "
+                             "the same outputs as lm-eval's; 'hflm', lm-eval's own HFLM")
     args = parser.parse_args(argv)
     check_model_args(parser, args)
     check_positive(parser, args, "limit")
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                           subjects=args.subjects, bbh_tasks=args.bbh_tasks, limit=args.limit,
                           batch_size=args.batch_size or ("auto" if args.device.startswith("cuda") else 8),
                           num_fewshot=args.num_fewshot, output_dir=args.output_dir,
-                          metadata=model_metadata(args), generation=args.harness_generation,
-                          generation_batch_size=args.batch_size)
+                          metadata=model_metadata(args), engine=args.harness_engine,
+                          rows_per_batch=args.batch_size)
     print(harness_markdown(summary))
     print(f"\nresults written to {args.output_dir}/ (summary.json, summary.md, lm_eval_results.json, samples/*.json, "
           "lm_eval_tasks/ with the configs and data lm-eval read)")

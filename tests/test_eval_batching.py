@@ -88,6 +88,21 @@ def test_shared_prefix_scores_and_generations_equal_each_prompt_alone(adapted, s
         assert generated[index] == IdTokenizer().decode(tokens)
 
 
+def test_continuation_scores_equal_a_full_forward_of_each_input(adapted):
+    inputs = [[5, 6, 7, 8, 9], [5, 6, 7, 1, 2], [11, 12, 13, 14, 15, 16, 17]]
+    continuations = [[[9, 10], [3]], [[8, 9, 10, 4]], [[20, 21]]]  # continuation tail of each input + its last token
+    scores = batching.score_continuations(adapted, IdTokenizer(), inputs, continuations, batch_size=2)
+    for ids, conts, got in zip(inputs, continuations, scores, strict=True):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(adapted(torch.tensor([ids])).logits[0].float(), -1)  # (len, vocab)
+        for cont, (total, greedy) in zip(conts, got, strict=True):
+            rows = logprobs[len(ids) - len(cont):]
+            assert total == pytest.approx(float(rows[range(len(cont)), cont].sum()), abs=1e-5)
+            assert greedy == (rows.argmax(-1).tolist() == cont)
+    with pytest.raises(ValueError, match="distinct"):
+        batching.score_continuations(adapted, IdTokenizer(), [[1, 2], [1, 2]], [[[3]], [[4]]])
+
+
 def test_generation_writes_each_step_s_keys_in_place():
     from mtlora.evaluation.prefix import PreallocatedLayer
 

@@ -291,7 +291,7 @@ def test_batched_generation_equals_lm_eval_s_own_loop(stops_by_position, tmp_pat
     items = [{"input": " and ".join(["not True"] * n) + " is", "target": "False"} for n in range(1, 7)]
     (bbh / "boolean_expressions.json").write_text(json.dumps(items))
     runs = {engine: run_harness(model, tokenizer, ["bbh_fewshot"], bbh_dir=bbh, batch_size=4,
-                                generation=engine, generation_batch_size=3)
+                                engine=engine, rows_per_batch=3)
             for engine in ("hflm", "batched")}
     outputs = {engine: {(s["doc_id"], s["filter"]): s["filtered_resps"] for s in summary["samples"][
         "bbh_fewshot_boolean_expressions"]} for engine, summary in runs.items()}
@@ -299,6 +299,34 @@ def test_batched_generation_equals_lm_eval_s_own_loop(stops_by_position, tmp_pat
     lengths = {len(resps[0]) for (_, name), resps in outputs["hflm"].items() if name == "none"}
     assert len(lengths) > 2 and max(lengths) > 0  # rows end at different points, none at the 256-token budget alone
     assert runs["batched"]["results"] == runs["hflm"]["results"]
-    assert runs["batched"]["settings"]["generation"] == "batched"
-    with pytest.raises(ValueError, match="--harness_generation"):
-        run_harness(model, tokenizer, ["bbh_fewshot"], bbh_dir=bbh, generation="vllm")
+    assert runs["batched"]["settings"]["engine"] == "batched"
+    with pytest.raises(ValueError, match="--harness_engine"):
+        run_harness(model, tokenizer, ["bbh_fewshot"], bbh_dir=bbh, engine="vllm")
+
+
+def test_batched_loglikelihoods_equal_lm_eval_s(adapted_tiny, tmp_path):
+    """mmlu (one-token letters, 4 per prompt: one forward) and mmlu_continuation (multi-token answer texts): every
+    item's log-likelihoods, greedy flags and metrics as lm-eval's HFLM computes them."""
+    model, tokenizer = adapted_tiny
+    mmlu = write_mmlu_folder(tmp_path / "mmlu", num_test=4)
+    for path in (mmlu / "test").glob("*.csv"):  # answers of several tokens, of different lengths
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join([lines[0]] + [f"{line.split(',')[0]},the left ventricle,a bone of the inner ear,"
+                                                 f"nerve {i},the distal phalanx of the hand,{i % 4}"
+                                                 for i, line in enumerate(lines[1:])]) + "\n")
+    runs = {engine: run_harness(model, tokenizer, ["mmlu", "mmlu_continuation"], mmlu_dir=mmlu, batch_size=2,
+                                num_fewshot=2, engine=engine, rows_per_batch=3)
+            for engine in ("hflm", "batched")}
+    for task, theirs in runs["hflm"]["samples"].items():
+        ours = {s["doc_id"]: s for s in runs["batched"]["samples"][task]}
+        assert len(ours) == len(theirs) == 4
+        for sample in theirs:
+            mine = ours[sample["doc_id"]]
+            assert [lp for lp, _ in mine["resps"][0]] == pytest.approx([lp for lp, _ in sample["resps"][0]], abs=1e-4)
+            assert [g for _, g in mine["resps"][0]] == [g for _, g in sample["resps"][0]]
+            assert all(mine[m] == sample[m] for m in ("acc", "acc_norm") if m in sample)
+    continuation = runs["hflm"]["samples"]["mmlu_anatomy_continuation"][0]["arguments"]
+    assert len(tokenizer(continuation[0][1], add_special_tokens=False).input_ids) > 1  # multi-token answers covered
+    assert runs["batched"]["results"].keys() == runs["hflm"]["results"].keys()
+    for task, values in runs["hflm"]["results"].items():
+        assert runs["batched"]["results"][task]["acc,none"] == values["acc,none"]

@@ -171,6 +171,40 @@ def next_token_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return NextTokenScores(greedy_ids=[g for g, _ in scored], candidate_logprobs=[lp for _, lp in scored])
 
 
+@torch.inference_mode()
+def score_continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inputs: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[Sequence[int]]], batch_size: int | None = 8,
+                        desc: str = "score continuations") -> list[list[tuple[float, bool]]]:
+    """Per input (token ids), per continuation scored on it: (sum of the continuation's log-probabilities, whether
+    greedy decoding would produce it). ``inputs[i]`` is context + continuation without the continuation's last token,
+    so a continuation of n tokens is predicted by the input's last n positions; inputs shared by several continuations
+    (one-token answers to one prompt) run once. Log-probabilities are normalised over the full vocabulary; only the
+    positions a continuation needs get logits."""
+    pad_id = pad_token_id(tokenizer)
+    wanted = {tuple(ids): conts for ids, conts in zip(inputs, continuations, strict=True)}
+    if len(wanted) != len(inputs):
+        raise ValueError("score_continuations: inputs must be distinct (list every continuation of an input once)")
+
+    def score(runner: PrefixRunner, suffixes: list[list[int]]) -> list[list[tuple[float, bool]]]:
+        needed = [wanted[tuple(ids)] for ids in suffixes]
+        keep = max(len(cont) for conts in needed for cont in conts)
+        logprobs = torch.log_softmax(runner.last_logits(suffixes, pad_id, keep=keep), dim=-1)  # (rows, keep, vocab)
+        owners = [(row, cont) for row, conts in enumerate(needed) for cont in conts]
+        index = [(row, keep - len(cont) + j, token, k) for k, (row, cont) in enumerate(owners)
+                 for j, token in enumerate(cont)]
+        rows, positions, tokens, owner = (torch.tensor(column) for column in zip(*index))
+        device = logprobs.device
+        picked = logprobs[rows.to(device), positions.to(device), tokens.to(device)].cpu()  # one gather for the batch
+        totals = torch.zeros(len(owners), dtype=torch.float64).index_add_(0, owner, picked.double()).tolist()
+        greedy = logprobs.argmax(-1).cpu().tolist()  # (rows, keep)
+        scored: list[list[tuple[float, bool]]] = [[] for _ in needed]
+        for k, (row, cont) in enumerate(owners):
+            scored[row].append((totals[k], greedy[row][keep - len(cont):] == list(cont)))
+        return scored
+
+    return _run_batched(model, inputs, None, batch_size, False, desc, score)
+
+
 # -------------------------------------------------------------------------------------- generation
 
 @torch.inference_mode()

@@ -14,9 +14,9 @@ lm-eval's metrics come back under lm-eval's names, ``<metric>,<filter>``:
   ``exact_match,remove_whitespace`` (the same after lm-eval's remove_whitespace filter, the one addition
   to lm-eval's config, see harness_tasks.py).
 Groups (``mmlu`` and its four categories, ``bbh_fewshot``) are aggregated by lm-eval (mean weighted by
-size) when every leaf task of the group runs; a subset runs as separate leaf tasks. lm-eval's greedy generation
-requests run through this package's batched generation by default (:mod:`mtlora.evaluation.harness_lm`: the same
-outputs as lm-eval's loop in float32); ``generation="hflm"`` keeps lm-eval's loop.
+size) when every leaf task of the group runs; a subset runs as separate leaf tasks. lm-eval's requests (greedy
+generation, log-likelihoods) run on this package's batched paths by default (:mod:`mtlora.evaluation.harness_lm`:
+in float32 the same outputs as lm-eval's ``HFLM``); ``engine="hflm"`` keeps lm-eval's.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from mtlora.evaluation.harness_tasks import (BENCHMARKS, HF_CACHE, MMLU_DATA, Se
 from mtlora.evaluation.reporting import markdown_table, write_json, write_results
 from mtlora.evaluation.selection import check_choice
 
-GENERATION_ENGINES = ("batched", "hflm")  # greedy generation: mtlora.evaluation.harness_lm's, or lm-eval's own loop
+ENGINES = ("batched", "hflm")  # who runs lm-eval's requests: mtlora.evaluation.harness_lm, or lm-eval's own HFLM
 
 STDERR_MARK = "_stderr,"
 
@@ -64,39 +64,37 @@ def run_harness(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, benc
                 mmlu_dir: str | Path | None = None, bbh_dir: str | Path | None = None,
                 subjects: Sequence[str] | None = None, bbh_tasks: Sequence[str] | None = None,
                 limit: int | None = None, batch_size: int | str = 8, num_fewshot: int | None = None,
-                output_dir: str | Path | None = None, metadata: dict | None = None, generation: str = "batched",
-                generation_batch_size: int | None = None) -> dict:
+                output_dir: str | Path | None = None, metadata: dict | None = None, engine: str = "batched",
+                rows_per_batch: int | None = None) -> dict:
     """Run lm-eval's ``benchmarks`` (mmlu, mmlu_continuation, bbh_fewshot) on local data; returns the summary
     with lm-eval's per-item records (prompts included) under ``samples``.
 
     ``limit``: the first n test items of every leaf task (lm-eval's --limit). ``num_fewshot``: MMLU tasks
-    only (None: lm-eval's default, 0). ``batch_size``: lm-eval's, for its log-likelihood requests (and its
-    generation loop); ``generation``: ``batched`` runs greedy generation through this package's batched path
-    (:mod:`mtlora.evaluation.harness_lm`, ``generation_batch_size`` rows, None: automatic), ``hflm`` through
-    lm-eval's own loop. With ``output_dir``: ``summary.json``, ``summary.md``,
+    only (None: lm-eval's default, 0). ``engine``: ``batched`` runs lm-eval's requests (greedy generation,
+    log-likelihoods) through this package's batched paths (:mod:`mtlora.evaluation.harness_lm`, ``rows_per_batch``
+    rows per forward, None: automatic), ``hflm`` through lm-eval's own ``HFLM`` (``batch_size``). With ``output_dir``: ``summary.json``, ``summary.md``,
     ``lm_eval_results.json`` (lm-eval's own results, without samples), ``samples/<task>.json`` and the
     generated configs and data under ``lm_eval_tasks/``.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    check_choice("--harness_generation", generation, GENERATION_ENGINES)
+    check_choice("--harness_engine", engine, ENGINES)
     selections = resolve_benchmarks(benchmarks, mmlu_dir, bbh_dir, subjects, bbh_tasks)
     start = time.time()
     with _tasks_folder(output_dir) as tasks_dir:
         configs = write_local_tasks(selections, {"mmlu": mmlu_dir, "bbh": bbh_dir}, tasks_dir)
         manager, requested = load_tasks(selections, configs, num_fewshot)
-        if generation == "batched":
-            from mtlora.evaluation.harness_lm import BatchedGenerationLM
+        if engine == "batched":
+            from mtlora.evaluation.harness_lm import BatchedLM
 
-            lm = BatchedGenerationLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                                     generation_batch_size=generation_batch_size)
+            lm = BatchedLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, rows_per_batch=rows_per_batch)
         else:
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         raw = simple_evaluate(lm, tasks=requested, limit=limit, log_samples=True, task_manager=manager)
     settings = {**(metadata or {}), "lm_eval_version": _lm_eval_version(), "tasks": [s.benchmark.group for s in selections],
                 "requested": {s.benchmark.group: s.requests for s in selections}, "limit": limit,
-                "batch_size": batch_size, "generation": generation, "num_fewshot": num_fewshot, "n-shot": _shots_per_group(selections, raw["n-shot"]),
+                "batch_size": batch_size, "engine": engine, "num_fewshot": num_fewshot, "n-shot": _shots_per_group(selections, raw["n-shot"]),
                 "mmlu_dir": str(mmlu_dir) if mmlu_dir else None, "bbh_dir": str(bbh_dir) if bbh_dir else None,
                 "seconds": round(time.time() - start, 1)}
     summary = summarize_harness(raw, settings)

@@ -166,9 +166,10 @@ class PrefixRunner:
         return cache
 
     # ---------------------------------------------------------------------------------- forward passes
-    def _first_pass(self, suffixes: Sequence[Sequence[int]], pad_id: int, new_tokens: int | None = None):
-        """Run the left-padded suffixes: (last logits (rows, vocab) float32, cache, mask, last positions). With
-        ``new_tokens`` (generation) the cache keeps room for that many more positions."""
+    def _first_pass(self, suffixes: Sequence[Sequence[int]], pad_id: int, new_tokens: int | None = None,
+                    keep: int = 1):
+        """Run the left-padded suffixes: (the last ``keep`` positions' logits (rows, keep, vocab) float32, cache, mask,
+        last positions). With ``new_tokens`` (generation) the cache keeps room for that many more positions."""
         device = self.model.device
         input_ids, suffix_mask = left_pad(suffixes, pad_id)
         offset = len(self.prefix)
@@ -177,17 +178,20 @@ class PrefixRunner:
         capacity = None if new_tokens is None else offset + input_ids.shape[1] + new_tokens
         cache = self._cache(len(suffixes), capacity)
         logits = self.model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions,
-                            use_cache=cache is not None, logits_to_keep=1, **{self.cache_kw: cache}).logits
-        return logits[:, -1, :].float(), cache, mask, positions[:, -1]
+                            use_cache=cache is not None, logits_to_keep=keep, **{self.cache_kw: cache}).logits
+        return logits[:, -keep:, :].float(), cache, mask, positions[:, -1]
 
-    def last_logits(self, suffixes: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-        """(rows, vocab) float32 next-token logits after prefix + each suffix."""
-        return self._first_pass(suffixes, pad_id)[0]
+    def last_logits(self, suffixes: Sequence[Sequence[int]], pad_id: int, keep: int | None = None) -> torch.Tensor:
+        """(rows, vocab) float32 next-token logits after prefix + each suffix; with ``keep``, those of the last
+        ``keep`` positions, (rows, keep, vocab) (every row ends at the last one: left padding)."""
+        logits = self._first_pass(suffixes, pad_id, keep=keep or 1)[0]
+        return logits[:, -1] if keep is None else logits
 
     def greedy(self, suffixes: Sequence[Sequence[int]], pad_id: int, max_new_tokens: int, eos_ids: set[int],
                ended: Callable[[list[int]], bool]) -> list[list[int]]:
         """Greedy new tokens per row, up to (excluding) EOS, or until ``ended(tokens)``."""
         logits, cache, mask, last_position = self._first_pass(suffixes, pad_id, max_new_tokens)
+        logits = logits[:, -1]
         new_tokens: list[list[int]] = [[] for _ in suffixes]
         finished: set[int] = set()
         active = list(range(len(suffixes)))  # rows of ``suffixes`` in the batch, in batch order
