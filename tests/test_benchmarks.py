@@ -137,3 +137,20 @@ def test_host_benchmark_times_the_gguf_load_and_splits_mmlu_s_host_work(tmp_path
     assert "| the same from the cached converted folder |" in (tmp_path / "host.md").read_text()
     with pytest.raises(SystemExit):
         bench_host.main(["--data_dir", str(tmp_path / "nothing")])
+
+
+@pytest.mark.slow
+def test_harness_benchmark_quick_run(tmp_path):
+    """bench_harness.py --quick: both engines on lm-eval's three task groups; in float32 every item scores the same."""
+    from benchmarks import bench_harness
+    from tests.helpers import write_bbh_folder, write_mmlu_folder
+
+    bbh = write_bbh_folder(tmp_path / "data" / "bbh")
+    (bbh / "labels.json").rename(bbh / "boolean_expressions.json")
+    write_mmlu_folder(tmp_path / "data" / "mmlu")
+    results = bench_harness.main(["--quick", "--data_dir", str(tmp_path / "data"), "--subjects", "anatomy",
+                                  "--bbh_tasks", "boolean_expressions", "--output", str(tmp_path / "h.json")])
+    assert [r["engine"] for r in results["runs"]] == ["hflm", "batched"]
+    assert all(r["documents"] == 6 and r["seconds"] > 0 for r in results["runs"])  # 3 tasks x 2 documents
+    assert results["runs"][1]["values_equal"] == 1.0 and results["runs"][1]["speedup"] > 0
+    assert (tmp_path / "h.md").read_text().count("| batched |") == 1
