@@ -34,10 +34,9 @@ LM_EVAL_MMLU_BBH_TASKS = ("mmlu", "bbh_fewshot")
 # lm-eval takes a log-softmax over the whole vocabulary for every position of a batch (batch x length x vocabulary
 # float32: 24 GB at batch 256 with SmolLM2's 49,152 tokens), so its batch is capped below the other suites'.
 LM_EVAL_MAX_BATCH = 32
-# Who runs each lm-eval suite's requests (mtlora.evaluation.harness.ENGINES). lm_eval_mmlu_bbh: this package's batched
-# paths, at the other suites' batch size (part of the suite's identity). The cloze suite stays on lm-eval's HFLM, which
-# produced every committed cloze number, so that its column comes from one engine.
-HARNESS_ENGINES = {"lm_eval": "hflm", "lm_eval_mmlu_bbh": "batched"}
+# lm-eval's requests run on this package's batched paths (mtlora.evaluation.harness_lm) at the other suites' batch
+# size. Not part of a suite's identity: per item the scores equal lm-eval's HFLM's in float32 (tested), and the engine
+# that produced a summary is in its settings (runs evaluated before 2026-12-01 used HFLM).
 # Held-out prompts are cut (from the left) to this many tokens: training saw at most 512 per sequence,
 # and a few BIG-bench inputs run to thousands of tokens, which would dominate memory and time.
 HELDOUT_MAX_LENGTH = 1024
@@ -62,9 +61,8 @@ def suite_data(heldout_data: str | None, bbh_dir: str | None, mmlu_dir: str | No
 def eval_identity(suite: str, data: str | Path | tuple, limit: int | None, uniform_routing: bool) -> dict:
     """What a suite's scores depend on besides the adapter."""
     fingerprint = [data_fingerprint(p) for p in data] if isinstance(data, tuple) else data_fingerprint(data)
-    identity = {"suite": suite, "data": fingerprint, "limit": limit, "uniform_routing": uniform_routing,
-                "results_version": RESULTS_VERSION}
-    return {**identity, "engine": HARNESS_ENGINES[suite]} if suite == "lm_eval_mmlu_bbh" else identity
+    return {"suite": suite, "data": fingerprint, "limit": limit, "uniform_routing": uniform_routing,
+            "results_version": RESULTS_VERSION}
 
 
 def pending_suites(run_dir: str | Path, identities: dict[str, dict]) -> list[str]:
@@ -119,13 +117,12 @@ def evaluate_run(run_dir: str | Path, suites: list[str], model_name_or_path: str
         elif suite == "lm_eval":
             summary = run_harness(model, tokenizer, LM_EVAL_TASKS, mmlu_dir=data["lm_eval"],
                                   limit=limits.get("lm_eval"), batch_size=min(batch_size, LM_EVAL_MAX_BATCH),
-                                  output_dir=out, metadata=metadata, engine=HARNESS_ENGINES[suite])
+                                  output_dir=out, metadata=metadata, rows_per_batch=batch_size)
         else:
             mmlu_dir, bbh_dir = data["lm_eval_mmlu_bbh"]
             summary = run_harness(model, tokenizer, LM_EVAL_MMLU_BBH_TASKS, mmlu_dir=mmlu_dir, bbh_dir=bbh_dir,
                                   limit=limits.get("lm_eval_mmlu_bbh"), batch_size=min(batch_size, LM_EVAL_MAX_BATCH),
-                                  output_dir=out, metadata=metadata, engine=HARNESS_ENGINES[suite],
-                                  rows_per_batch=batch_size)
+                                  output_dir=out, metadata=metadata, rows_per_batch=batch_size)
         write_json(out / "timing.json", {"seconds": time.perf_counter() - started, "items": summary.get("num_examples")})
         write_json(out / "identity.json", identities[suite])
 
