@@ -668,6 +668,12 @@ def command_and_date(argv: list[str] | None = None) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def report(output: Path | None, results: dict, markdown: str) -> None:
+    """Print a benchmark's Markdown and record it with ``results`` (:func:`write_outputs`)."""
+    print(markdown)
+    write_outputs(output, results, markdown)
+
+
 def write_outputs(output: Path | None, results: dict, markdown: str) -> None:
     """A benchmark's recorded output: ``results`` as JSON at ``output`` and ``markdown`` beside it (.md); nothing
     without ``output``."""

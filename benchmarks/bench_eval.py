@@ -47,7 +47,7 @@ import transformers
 from transformers import AutoTokenizer, GenerationConfig
 
 from benchmarks.bench_adapters import (FULL, QUICK, TINY_MODEL, attach, build_model, command_and_date, synchronize,
-                                      write_outputs)
+                                      report)
 from mtlora.checkpoint import load_adapter
 from mtlora.evaluation.batching import eos_token_ids, next_token_scores, pad_token_id, truncate_left
 from mtlora.evaluation.bbh import NUM_EXEMPLARS, build_bbh_prompt, load_bbh, run_bbh, score_bbh_task
@@ -319,8 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["agreement"] += measured["agreement"]
     results["targets"] = targets(results["rows"])
     text = markdown(results)
-    print(text)
-    write_outputs(args.output, results, text)
+    report(args.output, results, text)
     return results
 
 

@@ -23,7 +23,7 @@ import transformers
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_adapters import command_and_date, write_outputs  # noqa: E402
+from benchmarks.bench_adapters import command_and_date, report  # noqa: E402
 from benchmarks.bench_eval import load_model  # noqa: E402
 from mtlora.evaluation.harness import ENGINES, run_harness  # noqa: E402
 from mtlora.evaluation.harness_tasks import BENCHMARKS  # noqa: E402
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             run["speedup"] = round(reference[0]["seconds"] / run["seconds"], 2)
         results["runs"].append(run)
     text = markdown(results)
-    print(text)
-    write_outputs(args.output, results, text)
+    report(args.output, results, text)
     return results
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from benchmarks.bench_adapters import command_and_date, write_outputs
+from benchmarks.bench_adapters import command_and_date, report
 from mtlora.evaluation.mmlu import run_mmlu
 from mtlora.evaluation.reporting import markdown_table
 from mtlora.loading import converted_gguf, default_model_path, load_base_model, load_tokenizer
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
                 + f"\n\nAt batch 1,024 the forward calls run {mmlu['token_positions_run']:,} token positions for "
                 f"{mmlu['real_tokens']:,} real tokens (exemplar prefixes included once per subject; the rest is left "
                 "padding to each batch's longest question).")
-    print(markdown)
-    write_outputs(args.output, results, markdown)
+    report(args.output, results, markdown)
     return results
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from benchmarks.bench_adapters import command_and_date, write_outputs
+from benchmarks.bench_adapters import command_and_date, report
 from mtlora.evaluation.reporting import markdown_table, read_json
 from mtlora.experiments.jobs import Job, RunSettings
 from mtlora.experiments.registry import SCALES, TABLES
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"metadata": {**command_and_date(argv), "device": device, "torch": torch.__version__, "transformers": transformers.__version__},
                "rows": rows}
     markdown = render(results)
-    print(markdown)
-    write_outputs(args.output, results, markdown)
+    report(args.output, results, markdown)
     return results
 
 
