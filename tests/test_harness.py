@@ -6,6 +6,7 @@ Every test runs with the network blocked: lm-eval must read only the local files
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 
@@ -139,6 +140,18 @@ def test_harness_runs_lm_eval_tasks_on_local_data(stops_at_once, local_data, tmp
     assert not (out / "lm_eval_tasks" / "hf_cache").exists()
 
 
+@contextlib.contextmanager
+def steered(model, remember, adjust):
+    """``model`` with a forward pre-hook ``remember(module, args, kwargs)`` that sees each call's inputs and a hook
+    ``adjust(module, args, logits)`` that edits the LM head's logits in place."""
+    handles = [model.register_forward_pre_hook(remember, with_kwargs=True), model.lm_head.register_forward_hook(adjust)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @pytest.fixture
 def answers_with_a_space(adapted_tiny):
     """``adapted_tiny`` made to answer " False" and stop: lm-eval's literal exact_match is 0, stripped it is not."""
@@ -154,11 +167,8 @@ def answers_with_a_space(adapted_tiny):
         logits[..., :] = -1e4
         logits[..., model.generation_config.eos_token_id if last_token["id"] == answer[0] else answer[0]] = 1e4
 
-    handles = [model.register_forward_pre_hook(remember_input, with_kwargs=True),
-               model.lm_head.register_forward_hook(force)]
-    yield model, tokenizer
-    for handle in handles:
-        handle.remove()
+    with steered(model, remember_input, force):
+        yield model, tokenizer
 
 
 def test_bbh_fewshot_reports_the_literal_and_the_whitespace_filtered_match(answers_with_a_space, local_data):
@@ -277,11 +287,8 @@ def stops_by_position(context_sensitive_tiny):
     def raise_stop(module, args, logits):
         logits[..., stop[0]] += 1e6 * (last["positions"] % 5 == 0).to(logits.dtype)[:, None]
 
-    handles = [model.register_forward_pre_hook(remember_position, with_kwargs=True),
-               model.lm_head.register_forward_hook(raise_stop)]
-    yield model, tokenizer
-    for handle in handles:
-        handle.remove()
+    with steered(model, remember_position, raise_stop):
+        yield model, tokenizer
 
 
 def test_batched_generation_equals_lm_eval_s_own_loop(stops_by_position, tmp_path):
