@@ -262,6 +262,20 @@ def test_the_lm_eval_suite_is_read_as_the_cloze_metric(tiny_model_dir, tmp_path)
     assert average == pytest.approx(scores.mean())
 
 
+def test_the_lm_eval_mmlu_bbh_suite_reads_both_data_folders(tiny_model_dir, tmp_path):
+    from mtlora.experiments.evaluate import evaluate_run
+    from tests.helpers import write_bbh_folder, write_mmlu_folder
+
+    mmlu = write_mmlu_folder(tmp_path / "mmlu", subjects=("anatomy",), num_test=2)
+    bbh = write_bbh_folder(tmp_path / "bbh")
+    (bbh / "labels.json").rename(bbh / "boolean_expressions.json")
+    evaluate_run(tmp_path / "run", ["lm_eval_mmlu_bbh"], str(tiny_model_dir), None,
+                 {"lm_eval_mmlu_bbh": (str(mmlu), str(bbh))}, {"lm_eval_mmlu_bbh": 1}, 4, "cpu", torch.float32)
+    summary = json.loads((tmp_path / "run" / "eval" / "lm_eval_mmlu_bbh" / "summary.json").read_text())
+    assert set(summary["results"]) == {"mmlu_anatomy", "bbh_fewshot_boolean_expressions"}
+    assert summary["settings"]["engine"] == "batched" and summary["settings"]["limit"] == 1
+
+
 def test_packed_results_keep_what_the_tables_read_and_drop_weights(tmp_path):
     import importlib.util
     import tarfile

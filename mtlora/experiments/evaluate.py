@@ -27,16 +27,16 @@ from mtlora.trainer import write_progress
 from mtlora.training_data import read_instruction_records
 
 SUITES = ("heldout", "bbh", "mmlu", "lm_eval", "lm_eval_mmlu_bbh")
-LM_EVAL_TASKS = ("mmlu_continuation",)  # the lm_eval suite: lm-evaluation-harness's cloze MMLU, run by lm-eval itself
-# The lm_eval_mmlu_bbh suite: the field's MMLU (letters by log-likelihood) and BBH (bbh_fewshot), run by lm-eval; it
-# costs more, so the small scale runs it for a few rows at one seed (Track.harness_rows).
-LM_EVAL_MMLU_BBH_TASKS = ("mmlu", "bbh_fewshot")
-# lm-eval takes a log-softmax over the whole vocabulary for every position of a batch (batch x length x vocabulary
-# float32: 24 GB at batch 256 with SmolLM2's 49,152 tokens), so its batch is capped below the other suites'.
-LM_EVAL_MAX_BATCH = 32
+# lm-eval's tasks per suite, run by lm-eval itself. lm_eval: lm-evaluation-harness's cloze MMLU. lm_eval_mmlu_bbh: the
+# field's MMLU (letters by log-likelihood) and BBH (bbh_fewshot); it costs more, so the small scale runs it for a few
+# rows at one seed (Track.harness_rows).
+HARNESS_TASKS = {"lm_eval": ("mmlu_continuation",), "lm_eval_mmlu_bbh": ("mmlu", "bbh_fewshot")}
 # lm-eval's requests run on this package's batched paths (mtlora.evaluation.harness_lm) at the other suites' batch
-# size. Not part of a suite's identity: per item the scores equal lm-eval's HFLM's in float32 (tested), and the engine
-# that produced a summary is in its settings (runs evaluated before 2026-12-01 used HFLM).
+# size. The engine is not part of a suite's identity: per item the scores equal lm-eval's HFLM's in float32 (tested),
+# and the engine that produced a summary is in its settings (runs evaluated before 2026-12-01 used HFLM). Where
+# lm-eval's own HFLM runs (its fallbacks), it takes a log-softmax over the whole vocabulary for every position of a
+# batch (batch x length x vocabulary float32: 24 GB at batch 256 with SmolLM2's 49,152 tokens), so its batch is capped.
+LM_EVAL_MAX_BATCH = 32
 # Held-out prompts are cut (from the left) to this many tokens: training saw at most 512 per sequence,
 # and a few BIG-bench inputs run to thousands of tokens, which would dominate memory and time.
 HELDOUT_MAX_LENGTH = 1024
@@ -114,14 +114,10 @@ def evaluate_run(run_dir: str | Path, suites: list[str], model_name_or_path: str
         elif suite == "mmlu":
             summary = run_mmlu(model, tokenizer, data["mmlu"], limit=limits.get("mmlu"), batch_size=batch_size,
                                output_dir=out, metadata=metadata)
-        elif suite == "lm_eval":
-            summary = run_harness(model, tokenizer, LM_EVAL_TASKS, mmlu_dir=data["lm_eval"],
-                                  limit=limits.get("lm_eval"), batch_size=min(batch_size, LM_EVAL_MAX_BATCH),
-                                  output_dir=out, metadata=metadata, rows_per_batch=batch_size)
-        else:
-            mmlu_dir, bbh_dir = data["lm_eval_mmlu_bbh"]
-            summary = run_harness(model, tokenizer, LM_EVAL_MMLU_BBH_TASKS, mmlu_dir=mmlu_dir, bbh_dir=bbh_dir,
-                                  limit=limits.get("lm_eval_mmlu_bbh"), batch_size=min(batch_size, LM_EVAL_MAX_BATCH),
+        else:  # lm-eval's suites: MMLU only, or (MMLU, BBH)
+            mmlu_dir, bbh_dir = data[suite] if isinstance(data[suite], tuple) else (data[suite], None)
+            summary = run_harness(model, tokenizer, HARNESS_TASKS[suite], mmlu_dir=mmlu_dir, bbh_dir=bbh_dir,
+                                  limit=limits.get(suite), batch_size=min(batch_size, LM_EVAL_MAX_BATCH),
                                   output_dir=out, metadata=metadata, rows_per_batch=batch_size)
         write_json(out / "timing.json", {"seconds": time.perf_counter() - started, "items": summary.get("num_examples")})
         write_json(out / "identity.json", identities[suite])
