@@ -65,16 +65,22 @@ def plot_series(series: dict, xlabel: str, ylabel: str, title: str, log_x: bool)
     return figure
 
 
+def caption(table: dict) -> str:
+    """The table's name (its title before the colon: the metric is on the y axis) and what the bars are."""
+    return (f"{table['title'].split(':')[0]}\n(seeds {', '.join(map(str, table['seeds']))}; bars: std over seeds; "
+            "no bar: one seed)")
+
+
 def plot_routing_granularity(table: dict, metric: str = "heldout") -> plt.Figure:
     series = points(table, metric, lambda r: groups_of(table["table"], r["key"]), lambda r: r["track"])
     return plot_series(series, "routing groups G", f"{METRIC_LABELS[metric]} (%)",
-                       f"{table['title']}\n(seeds {', '.join(map(str, table['seeds']))}; bars: std)", log_x=True)
+                       caption(table), log_x=True)
 
 
 def plot_task_scaling(table: dict, metric: str = "heldout") -> plt.Figure:
     series = points(table, metric, lambda r: task_count_of(r["track"]), lambda r: r["label"])
     return plot_series(series, "training tasks N", f"{METRIC_LABELS[metric]} (%)",
-                       f"{table['title']}\n(seeds {', '.join(map(str, table['seeds']))}; bars: std)", log_x=False)
+                       caption(table), log_x=False)
 
 
 PLOTS = {"routing_granularity": plot_routing_granularity, "routing_granularity_block": plot_routing_granularity,

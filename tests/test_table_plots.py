@@ -56,10 +56,15 @@ def test_retrain_noise_compares_runs_trained_in_both_folders(tmp_path):
     _trained_run(tmp_path / "a", "mtlora-s42-z", heldout=0.4)  # evaluated in one copy only
     summary = retrain_noise.main(["--kept", str(tmp_path / "a"), "--other", str(tmp_path / "b"),
                                   "--output", str(tmp_path / "out" / "noise")])
-    assert summary["heldout"]["runs"] == 1 and summary["heldout"]["max_abs"] == pytest.approx(2.0)
+    assert summary["heldout"]["pairs"] == 1 and summary["heldout"]["max_abs"] == pytest.approx(2.0)
     rows = json.loads((tmp_path / "out" / "noise.json").read_text())["runs"]
-    assert [(r["run"].split("/")[-1], r["metric"]) for r in rows] == [("baseline-s42-x", "heldout")]
+    assert [(r["run"].split("/")[-1], r["a"], r["b"], r["metric"]) for r in rows] == [("baseline-s42-x", "a", "b", "heldout")]
     assert rows[0]["difference"] == pytest.approx(2.0)
+    _trained_run(tmp_path / "third", "baseline-s42-x", heldout=0.25)  # a third training: two more pairs (a-c, b-c)
+    summary = retrain_noise.main(["--kept", str(tmp_path / "a"), "--other", str(tmp_path / "b"), str(tmp_path / "third"),
+                                  "--output", str(tmp_path / "out" / "noise")])
+    assert summary["heldout"]["pairs"] == 3 and summary["heldout"]["max_abs"] == pytest.approx(7.0)
+    assert summary["heldout"]["mean_abs"] == pytest.approx((2 + 5 + 7) / 3)
     _trained_run(tmp_path / "c", "other-s1-w", heldout=0.1)
     with pytest.raises(ValueError, match="share no trained run"):
         retrain_noise.main(["--kept", str(tmp_path / "a"), "--other", str(tmp_path / "c"), "--output", str(tmp_path / "x")])
