@@ -71,3 +71,30 @@ def test_retrain_noise_compares_runs_trained_in_both_folders(tmp_path):
     with pytest.raises(ValueError, match="--other .* no trained run"):
         retrain_noise.main(["--kept", str(tmp_path / "a"), "--other", str(tmp_path / "a" / "small"),
                             "--output", str(tmp_path / "x")])
+
+
+def _bbh_run(results_dir, track, name, answers):
+    """A run folder with one BBH task file: (generation or None when packing dropped a long one, lenient)."""
+    tasks = results_dir / "small" / "runs" / track / name / "eval" / "bbh" / "tasks"
+    tasks.mkdir(parents=True)
+    items = [{"lenient": ok, **({} if text is None else {"generation": text})} for text, ok in answers]
+    (tasks / "navigate.json").write_text(json.dumps({"predictions": items}))
+
+
+def test_empty_answers_counts_blank_generations_per_row_and_correlates_them_with_bbh(tmp_path):
+    from analysis import empty_answers
+
+    _bbh_run(tmp_path, "tasks15", "mtlora-s42-0a1b2c3d", [("", False), (" \n", False), (" No", True), (None, False)])
+    _bbh_run(tmp_path, "tasks15", "mtlora-s43-0a1b2c3e", [("", False), (" Yes", True), (" No", True), (None, True)])
+    _bbh_run(tmp_path, "tasks5", "base-3ee1cd5e", [(" No", True)] * 4)
+    (tmp_path / "small" / "runs" / "tasks5" / "no-bbh-s1-abcdef12").mkdir()  # evaluated on other suites only
+    result = empty_answers.main(["--results_dir", str(tmp_path), "--output", str(tmp_path / "out" / "empty")])
+    assert [(r["track"], r["row"], r["seeds"]) for r in result["rows"]] == [
+        ("tasks5", "base", [None]), ("tasks15", "mtlora", [42, 43])]  # tasks5 sorts before tasks15
+    mtlora = result["rows"][1]
+    assert mtlora["empty"][0] == pytest.approx(37.5) and mtlora["bbh"][0] == pytest.approx(50.0)  # (2 + 1) / 8 blank
+    # (blank %, BBH %) per run: (0, 100), (50, 25), (25, 75): r = -1875 / sqrt(1250 * 2916.7)
+    assert result["correlation"] == pytest.approx(-0.982, abs=1e-3)
+    assert (tmp_path / "out" / "empty.md").read_text().startswith("| track | row | runs |")
+    with pytest.raises(ValueError, match="--results_dir .* no run with BBH per-task files"):
+        empty_answers.main(["--results_dir", str(tmp_path / "out"), "--output", str(tmp_path / "x")])
