@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 from transformers.modeling_utils import set_zero3_state
 
 from mtlora.errors import InvalidInput, MissingInput
@@ -87,7 +88,10 @@ def converted_gguf(folder: str, gguf_file: str) -> str:
     target = gguf_cache_dir() / f"{source.stem}-{key}"
     if (target / "config.json").is_file():
         return str(target)
-    model = _without_quantizer(AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32))
+    # dequantize=True: dense float weights even where transformers could keep them packed for GGUF matmul kernels
+    # (with the `kernels` package on a GPU), which the Trainer cannot train and save_pretrained cannot write.
+    model = _without_quantizer(AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf_file, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
