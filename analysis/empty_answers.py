@@ -1,10 +1,12 @@
 """How often a run answers a BBH question with nothing (its first generated token ends the answer), against its BBH
-accuracy: a format failure that moves the paper-protocol score without any reasoning behind it.
+accuracy and against the same share on the held-out split (the training format): a format failure that moves the
+paper-protocol score without any reasoning behind it.
 
     python -m analysis.empty_answers --results_dir <unpacked runs.tar.gz> --output results/small_seeds/bbh_empty_answers
 
 Every run folder ``<results_dir>/*/runs/<track>/<row>-s<seed>-<hash>/`` with per-task BBH files (``eval/bbh/tasks/``)
-counts (the base model's, without a seed, too); an answer is empty when its generation is blank after stripping whitespace. Packed results
+counts (the base model's, without a seed, too), with its held-out answers (``eval/heldout/predictions.json``) where it
+has them; an answer is empty when its generation is blank after stripping whitespace. Packed results
 (``scripts/pack_results.py``) keep generations up to 32 characters, so an empty one survives packing and a dropped one
 was long (not empty). Writes ``<output>.json`` (per run; per track and row: mean +- std over seeds; the correlation of
 empty share and BBH over all runs) and ``<output>.md``.
@@ -28,9 +30,12 @@ BBH = next(m for m in METRICS if m.name == "bbh")
 RUN_NAME = re.compile(r"(?P<row>.+?)(-s(?P<seed>\d+))?-[0-9a-f]+")  # the base model's runs have no seed
 
 
-def empty_share(run_dir: Path) -> float | None:
-    """Share of BBH items (all tasks together) whose answer is blank; None without per-task files."""
-    answers = [item.get("generation") for path in sorted((run_dir / "eval" / "bbh" / "tasks").glob("*.json"))
+ITEM_FILES = {"bbh": "bbh/tasks/*.json", "heldout": "heldout/predictions.json"}  # under eval/: per-item answers
+
+
+def empty_share(run_dir: Path, suite: str) -> float | None:
+    """Share of the suite's items (all tasks together) whose answer is blank; None without its per-item files."""
+    answers = [item.get("generation") for path in sorted((run_dir / "eval").glob(ITEM_FILES[suite]))
                for item in read_json(path)["predictions"]]
     return None if not answers else sum(a is not None and not a.strip() for a in answers) / len(answers)
 
@@ -41,30 +46,35 @@ def natural_order(path: Path) -> list:
 
 
 def run_entries(results_dir: Path) -> list[dict]:
-    """One entry per run with BBH per-task files: track, row, seed, empty share and BBH accuracy (both in %)."""
+    """One entry per run with BBH per-task files: track, row, seed, the empty share of BBH and of held-out answers
+    and BBH accuracy (all in %; None where not evaluated)."""
     entries = []
     for run_dir in sorted(results_dir.glob("*/runs/*/*"), key=natural_order):
-        match, share = RUN_NAME.fullmatch(run_dir.name), empty_share(run_dir)
+        match, share = RUN_NAME.fullmatch(run_dir.name), empty_share(run_dir, "bbh")
         if match is None or share is None:
             continue
-        accuracy = BBH.average(run_dir)
         entries.append({"track": run_dir.parent.name, "row": match["row"],
-                        "seed": None if match["seed"] is None else int(match["seed"]),
-                        "empty": 100 * share, "bbh": None if accuracy is None else 100 * accuracy})
+                        "seed": None if match["seed"] is None else int(match["seed"]), "empty": 100 * share,
+                        "empty_heldout": percent(empty_share(run_dir, "heldout")), "bbh": percent(BBH.average(run_dir))})
     return entries
 
 
+def percent(share: float | None) -> float | None:
+    return None if share is None else 100 * share
+
+
 def summarise(entries: list[dict]) -> list[dict]:
-    """Per (track, row), in order of first appearance: seeds, mean +- std of the empty share and of BBH."""
+    """Per (track, row), in order of first appearance: seeds, mean +- std of each empty share and of BBH (over the
+    runs that have it; (None, None) where none has)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for entry in entries:
         groups.setdefault((entry["track"], entry["row"]), []).append(entry)
     rows = []
     for (track, row), group in groups.items():
-        accuracies = [e["bbh"] for e in group if e["bbh"] is not None]
-        rows.append({"track": track, "row": row, "seeds": [e["seed"] for e in group],
-                     "empty": mean_std([e["empty"] for e in group]),
-                     "bbh": mean_std(accuracies) if accuracies else (None, None)})
+        rows.append({"track": track, "row": row, "seeds": [e["seed"] for e in group]})
+        for field in ("empty", "empty_heldout", "bbh"):
+            values = [e[field] for e in group if e[field] is not None]
+            rows[-1][field] = mean_std(values) if values else (None, None)
     return rows
 
 
@@ -77,9 +87,11 @@ def correlation(entries: list[dict]) -> float | None:
 
 
 def markdown(summary: list[dict], r: float | None) -> str:
-    table = markdown_table(["track", "row", "runs", "empty answers %", "BBH (paper protocol) %"],
+    table = markdown_table(["track", "row", "runs", "empty BBH answers %", "BBH (paper protocol) %",
+                            "empty held-out answers %"],
                            [[s["track"], s["row"], len(s["seeds"]), format_mean_std(*s["empty"], scale=1),
-                             format_mean_std(*s["bbh"], scale=1)] for s in summary])
+                             format_mean_std(*s["bbh"], scale=1), format_mean_std(*s["empty_heldout"], scale=1)]
+                            for s in summary])
     return f"{table}\n\nCorrelation of empty share and BBH over all runs: {'—' if r is None else f'{r:+.2f}'}.\n"
 
 

@@ -87,14 +87,19 @@ def test_empty_answers_counts_blank_generations_per_row_and_correlates_them_with
     _bbh_run(tmp_path, "tasks15", "mtlora-s42-0a1b2c3d", [("", False), (" \n", False), (" No", True), (None, False)])
     _bbh_run(tmp_path, "tasks15", "mtlora-s43-0a1b2c3e", [("", False), (" Yes", True), (" No", True), (None, True)])
     _bbh_run(tmp_path, "tasks5", "base-3ee1cd5e", [(" No", True)] * 4)
+    heldout = tmp_path / "small" / "runs" / "tasks15" / "mtlora-s42-0a1b2c3d" / "eval" / "heldout"
+    heldout.mkdir(parents=True)
+    (heldout / "predictions.json").write_text(json.dumps({"predictions": [{"generation": "No"}, {"generation": " "}]}))
     (tmp_path / "small" / "runs" / "tasks5" / "no-bbh-s1-abcdef12").mkdir()  # evaluated on other suites only
     result = empty_answers.main(["--results_dir", str(tmp_path), "--output", str(tmp_path / "out" / "empty")])
     assert [(r["track"], r["row"], r["seeds"]) for r in result["rows"]] == [
         ("tasks5", "base", [None]), ("tasks15", "mtlora", [42, 43])]  # tasks5 sorts before tasks15
     mtlora = result["rows"][1]
     assert mtlora["empty"][0] == pytest.approx(37.5) and mtlora["bbh"][0] == pytest.approx(50.0)  # (2 + 1) / 8 blank
+    assert mtlora["empty_heldout"] == (50.0, None)  # one seed has held-out answers, one of its two is blank
+    assert result["rows"][0]["empty_heldout"] == (None, None)
     # (blank %, BBH %) per run: (0, 100), (50, 25), (25, 75): r = -1875 / sqrt(1250 * 2916.7)
     assert result["correlation"] == pytest.approx(-0.982, abs=1e-3)
-    assert (tmp_path / "out" / "empty.md").read_text().startswith("| track | row | runs |")
+    assert (tmp_path / "out" / "empty.md").read_text().startswith("| track | row | runs | empty BBH answers % |")
     with pytest.raises(ValueError, match="--results_dir .* no run with BBH per-task files"):
         empty_answers.main(["--results_dir", str(tmp_path / "out"), "--output", str(tmp_path / "x")])
