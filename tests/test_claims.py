@@ -7,13 +7,18 @@ import pytest
 from mtlora.experiments import claims
 
 
+BBH = {"bbh": {"difference": 0.012, "low": 0.004, "high": 0.02, "seeds": 3, "items": 6430, "verdict": "supported"}}
+
+
+def versus(key="baseline", label="HydraLoRA", metrics=BBH):
+    return {"key": key, "label": label, "metrics": metrics}
+
+
 def table():
-    versus = {"bbh": {"difference": 0.012, "low": 0.004, "high": 0.02, "seeds": 3, "items": 6430,
-                      "verdict": "supported"}}
     return {"title": "Table 2: ablation", "scale": "small", "gpu_minutes": 12.0, "verdict_rule": "rule", "rows": [
-        {"key": "base", "label": "base", "paper": {}, "versus_baseline": versus},
-        {"key": "baseline", "label": "HydraLoRA", "paper": {"bbh": [35.5, 1.7]}},
-        {"key": "mtlora", "label": "mtLoRA", "paper": {"bbh": [38.5, 0.3]}, "versus_baseline": versus}]}
+        {"key": "base", "label": "base", "track": "t", "paper": {}, "versus": versus()},
+        {"key": "baseline", "label": "HydraLoRA", "track": "t", "paper": {"bbh": [35.5, 1.7]}},
+        {"key": "mtlora", "label": "mtLoRA", "track": "t", "paper": {"bbh": [38.5, 0.3]}, "versus": versus()}]}
 
 
 def test_one_claim_per_row_and_metric_with_the_paper_s_difference():
@@ -25,6 +30,19 @@ def test_one_claim_per_row_and_metric_with_the_paper_s_difference():
     plain = table()  # Tables 3 and 4 give the paper's numbers without a std
     plain["rows"][1]["paper"], plain["rows"][2]["paper"] = {"bbh": 35.5}, {"bbh": 37.0}
     assert "| +1.5 (BBH) |" in claims.claims_markdown([plain])
+
+
+def test_a_row_is_claimed_against_the_row_it_names_per_track():
+    """Table S3's collapse claim: the single LoRA against naive averaging, at each task count (its own track);
+    naive averaging against HydraLoRA is a diagnostic, not a claim."""
+    rows = [{"key": key, "label": label, "track": track, "paper": {}, **extra}
+            for track in ("tasks5", "tasks25")
+            for key, label, extra in (("lora", "single LoRA", {"versus": versus("naive_average", "naive averaging")}),
+                                      ("naive_average", "naive averaging", {"versus": {**versus(), "claim": False}}),
+                                      ("baseline", "HydraLoRA", {}))]
+    markdown = claims.claims_markdown([{**table(), "title": "Task-count scaling: held-out", "rows": rows}])
+    claimed = [line.split(" | ")[1] for line in markdown.splitlines() if line.startswith("| Task-count")]
+    assert claimed == ["single LoRA vs naive averaging (tasks5)", "single LoRA vs naive averaging (tasks25)"]
 
 
 def test_the_readme_section_between_the_markers_is_replaced(tmp_path):

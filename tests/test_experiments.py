@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtlora.experiments import registry
+from mtlora.experiments import registry, results
 from mtlora.experiments.jobs import Job, RunSettings, as_cli
 from mtlora.experiments.registry import SCALES, TABLES, Track
 from mtlora.experiments.runner import plan_jobs, run_table, task_count_tracks
@@ -158,7 +158,8 @@ def test_run_table_trains_every_seed_aggregates_and_resumes(tiny_setup):
         assert len(values) == 2 and rows[key]["heldout"]["mean"] == pytest.approx(sum(values) / 2)
         assert 0 <= rows[key]["bbh"]["mean"] <= 1 and rows[key]["gpu_minutes"] > 0
     assert rows["base"]["seeds"] == [1] and rows["base"]["heldout"]["std"] is None
-    versus = rows["mtlora"]["versus_baseline"]
+    assert rows["mtlora"]["versus"]["key"] == "baseline" and "versus" not in rows["baseline"]
+    versus = rows["mtlora"]["versus"]["metrics"]
     assert set(versus) == {"heldout", "bbh"} and versus["bbh"]["seeds"] == 2 and versus["bbh"]["items"] == 2
     table_md = (tiny_setup.results_dir / "tiny" / "main_ablation.md").read_text()
     assert "+ block + spectral" not in table_md and "44.5 ± 0.3" in table_md and "GPU-minutes" in table_md
@@ -191,7 +192,7 @@ def test_run_table_trains_every_seed_aggregates_and_resumes(tiny_setup):
     mtlora_dir = next(Path(r["run_dir"]) for r in output["per_seed"] if r["key"] == "mtlora" and r["seed"] == 2)
     (mtlora_dir / "eval" / "heldout" / "predictions.json").unlink()
     partial = run_table("main_ablation", "tiny", tiny_setup, only_rows=["baseline", "mtlora"], assemble_only=True)
-    versus = next(r for r in partial["rows"] if r["key"] == "mtlora")["versus_baseline"]
+    versus = next(r for r in partial["rows"] if r["key"] == "mtlora")["versus"]["metrics"]
     assert versus["heldout"]["seeds"] == 1 and versus["bbh"]["seeds"] == 2
 
 
@@ -385,6 +386,10 @@ def test_runs_moved_without_weights_are_finished_unless_a_pending_job_reads_them
         for seed in (1, 2):
             finish(by_key[(key, seed)])
     finish(by_key[("naive_average", 1)], trained=False)  # seed 2's naive averaging is still to do
+    table = results.tabulate(TABLES["task_scaling"], scale, settings, jobs, [])  # Table S3: LoRA vs naive averaging
+    assert {r["key"]: (r.get("versus", {}).get("key"), r.get("versus", {}).get("claim")) for r in table["rows"]} == {
+        "lora": ("naive_average", True), "naive_average": ("baseline", False), "baseline": (None, None),
+        "mtlora": ("baseline", True)}
     needed = weights_needed(jobs)
     assert needed == {by_key[("baseline", 2)].run_dir}
     assert finished_without_weights(by_key[("baseline", 1)], needed)

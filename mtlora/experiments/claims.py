@@ -1,4 +1,5 @@
-"""The claims table: every trained row against the table's baseline, per metric, with the paper's difference,
+"""The claims table: every trained row against the row it is compared with (the table's baseline unless the registry
+names another, ``Row.versus``), per metric, with the paper's difference,
 ours (paired bootstrap, 95%), the seeds it rests on and the verdict, read from tables' JSON; never typed by hand.
 
     python -m mtlora.experiments.claims results/small_seeds/main_ablation.json --readme README.md
@@ -13,18 +14,18 @@ import json
 import re
 from pathlib import Path
 
-from mtlora.experiments.results import BASELINE_KEY, METRICS
+from mtlora.experiments.results import METRICS
 
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
 PAPER_COLUMN = {"bbh": "bbh", "mmlu": "mmlu", "mmlu_loglik": "mmlu", "mmlu_cloze": "mmlu"}  # the paper's benchmark
 LABELS = {m.name: m.label for m in METRICS}
 
 
-def paper_difference(row: dict, baseline: dict, metric: str) -> str:
+def paper_difference(row: dict, reference: dict, metric: str) -> str:
     column = PAPER_COLUMN.get(metric)
-    if column is None or column not in row["paper"] or column not in baseline["paper"]:
+    if column is None or column not in row["paper"] or column not in reference["paper"]:
         return "—"
-    return f"{paper_mean(row['paper'][column]) - paper_mean(baseline['paper'][column]):+.1f} ({column.upper()})"
+    return f"{paper_mean(row['paper'][column]) - paper_mean(reference['paper'][column]):+.1f} ({column.upper()})"
 
 
 def paper_mean(value) -> float:
@@ -33,19 +34,24 @@ def paper_mean(value) -> float:
 
 
 def claim_rows(table: dict) -> list[str]:
-    """One Markdown row per (row, metric) that has a paired interval against the baseline."""
-    rows = {r["key"]: r for r in table["rows"]}
-    baseline = rows.get(BASELINE_KEY)
+    """One Markdown row per (row, metric) that has a paired interval against the row it is compared with (the
+    baseline, or the one it names), unless the comparison is a diagnostic (no paper claim); the track is named where
+    the table has several."""
+    rows = {(r["track"], r["key"]): r for r in table["rows"]}
+    several_tracks = len({r["track"] for r in table["rows"]}) > 1
     lines = []
     for row in table["rows"]:
-        if baseline is None or row["key"] in (BASELINE_KEY, "base"):
+        versus = row.get("versus")
+        if not versus or not versus.get("claim", True) or row["key"] == "base":
             continue
-        for metric, result in row.get("versus_baseline", {}).items():
+        reference = rows[(row["track"], versus["key"])]
+        where = f" ({row['track']})" if several_tracks else ""
+        for metric, result in versus["metrics"].items():
             interval = (f"{100 * result['difference']:+.1f} [{100 * result['low']:+.1f}, "
                         f"{100 * result['high']:+.1f}]")
-            lines.append(f"| {table['title'].split(':')[0]} | {row['label']} vs {baseline['label']} | {LABELS[metric]} | "
-                         f"{paper_difference(row, baseline, metric)} | {interval} | {result['seeds']} x "
-                         f"{result['items']:,} items | **{result['verdict']}** |")
+            lines.append(f"| {table['title'].split(':')[0]} | {row['label']} vs {reference['label']}{where} | "
+                         f"{LABELS[metric]} | {paper_difference(row, reference, metric)} | {interval} | "
+                         f"{result['seeds']} x {result['items']:,} items | **{result['verdict']}** |")
     return lines
 
 

@@ -15,10 +15,8 @@ import numpy as np
 from mtlora.evaluation.reporting import markdown_table, read_json
 from mtlora.experiments.evaluate import suite_dir
 from mtlora.experiments.jobs import Job, RunSettings
-from mtlora.experiments.registry import Scale, Table
+from mtlora.experiments.registry import BASELINE_KEY, Scale, Table
 from mtlora.experiments.statistics import VERDICT_RULE, format_mean_std, grouped_mean, mean_std, paired_bootstrap
-
-BASELINE_KEY = "baseline"
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,8 @@ def collect(job: Job) -> dict:
 
 
 def tabulate(table: Table, scale: Scale, settings: RunSettings, jobs: list[Job], libraries: list[Job]) -> dict:
-    """Per-seed results, their mean +- std per row, and each row's paired difference from the baseline."""
+    """Per-seed results, their mean +- std per row, and each row's paired difference from the row it is compared
+    with (``Row.versus``, the baseline unless it names another)."""
     per_seed = [collect(job) for job in jobs]
     rows = []
     for track in dict.fromkeys(job.track.name for job in jobs):
@@ -112,9 +111,11 @@ def tabulate(table: Table, scale: Scale, settings: RunSettings, jobs: list[Job],
                 if values:
                     mean, std = mean_std(values)
                     row[metric.name] = {"mean": mean, "std": std, "values": values}
-            baseline = [job for job in jobs if job.track.name == track and job.row.key == BASELINE_KEY]
-            if baseline and key != BASELINE_KEY:
-                row["versus_baseline"] = compare(group, baseline)
+            versus = group[0].row.versus
+            reference = [job for job in jobs if job.track.name == track and job.row.key == versus]
+            if reference and key != versus:
+                row["versus"] = {"key": versus, "label": reference[0].row.label, "claim": group[0].row.claim,
+                                 "metrics": compare(group, reference)}
             rows.append(row)
     library_minutes = sum((read_json(j.run_dir / "timings.json") or {}).get("produce", 0.0) for j in libraries) / 60
     return {"table": table.name, "title": table.title, "scale": scale.name, "note": table.note,
@@ -151,7 +152,8 @@ def torch_device_name(settings: RunSettings) -> str:
 
 
 def render(table: Table, scale: Scale, output: dict) -> str:
-    """Markdown: mean +- std over seeds beside the paper's numbers, the paired difference from the baseline."""
+    """Markdown: mean +- std over seeds beside the paper's numbers, the paired difference from the baseline (or the
+    row named before it)."""
     metrics = [m for m in METRICS if any(m.name in r for r in output["rows"])]
     header = ["row", "params", *[m.label for m in metrics], "paper BBH", "paper MMLU", "vs baseline (95% CI)",
               "GPU min", "track"]
@@ -159,7 +161,7 @@ def render(table: Table, scale: Scale, output: dict) -> str:
     for row in output["rows"]:
         cells = [row["label"], _params(row["trainable_params"])]
         cells += [_cell(row, m.name, len(output["seeds"])) for m in metrics]
-        cells += [_paper(row["paper"].get("bbh")), _paper(row["paper"].get("mmlu")), _versus(row.get("versus_baseline")),
+        cells += [_paper(row["paper"].get("bbh")), _paper(row["paper"].get("mmlu")), _versus(row.get("versus")),
                   f"{row['gpu_minutes']:.1f}", row["track"]]
         lines.append(cells)
     seeds = ", ".join(map(str, output["seeds"]))
@@ -189,9 +191,9 @@ def _paper(value) -> str:
     return f"{value[0]} ± {value[1]}" if isinstance(value, (tuple, list)) else str(value)
 
 
-def _versus(comparison: dict | None) -> str:
-    if not comparison:
+def _versus(versus: dict | None) -> str:
+    if not versus or not versus["metrics"]:
         return "—"
     parts = [f"{name}: {100 * c['difference']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] {c['verdict']}"
-             for name, c in comparison.items()]
-    return "; ".join(parts)
+             for name, c in versus["metrics"].items()]
+    return ("" if versus["key"] == BASELINE_KEY else f"vs {versus['label']}: ") + "; ".join(parts)

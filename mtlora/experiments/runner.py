@@ -28,8 +28,7 @@ from mtlora.errors import UsageError
 from mtlora.evaluation.reporting import read_json, write_json, write_jsonl
 from mtlora.experiments import dry_run, results
 from mtlora.experiments.jobs import REPO_ROOT, Job, RunSettings, as_cli
-from mtlora.experiments.registry import BASE, SCALES, TABLES, Row, Scale, Table, Track
-from mtlora.experiments.results import BASELINE_KEY
+from mtlora.experiments.registry import BASE, BASELINE_KEY, SCALES, TABLES, Row, Scale, Table, Track
 from mtlora.loading import load_model_config
 from mtlora.trainer import PROGRESS_FILE  # written by train.py and the evaluator
 from mtlora.training_data import read_instruction_records
