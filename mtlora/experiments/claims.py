@@ -42,7 +42,7 @@ def claim_rows(table: dict) -> list[str]:
     lines = []
     for row in table["rows"]:
         versus = row.get("versus")
-        if not versus or not versus.get("claim", True) or row["key"] == "base":
+        if not versus or not versus["claim"] or row["key"] == "base":
             continue
         reference = rows[(row["track"], versus["key"])]
         where = f" ({row['track']})" if several_tracks else ""
