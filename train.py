@@ -13,7 +13,11 @@ the *_offload.json configs keep optimizer states, and under ZeRO-3 the frozen we
 optimizer and learning-rate schedule always come from this script's flags, never from the DeepSpeed config.
 """
 
+from mtlora.evaluation.distributed import release
 from mtlora.train_cli import main
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        release()

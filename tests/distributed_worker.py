@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 
 import mtlora.checkpoint
+from mtlora.evaluation.distributed import release
 from mtlora.injection import adapter_state_dict
 from mtlora.training import run_training
 from mtlora.train_cli import main as train_main
@@ -95,6 +96,7 @@ def main(spec_path: str) -> None:
         record.values["log"] = [{k: entry[k] for k in ("step", "loss", "learning_rate", "balance_loss", "spectral_loss")
                                  if k in entry} for entry in summary["log_history"] if "loss" in entry]
         (results / f"{run['name']}.rank{dist.get_rank()}.json").write_text(json.dumps(record.values, indent=1))
+    release()  # as train.py does when it ends
 
 
 if __name__ == "__main__":

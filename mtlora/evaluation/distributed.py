@@ -7,6 +7,7 @@ and prints. With one process (plain ``python``) every function here is a no-op.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 
@@ -20,15 +21,25 @@ def launched() -> bool:
 
 
 def init(device: str) -> str:
-    """Join the process group when launched (NCCL on GPUs, gloo on CPUs); returns this process's device."""
+    """Join the process group when launched (NCCL on GPUs, gloo on CPUs; left again at exit); returns this process's
+    device."""
     if not launched():
         return device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        atexit.register(release)
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     return device
+
+
+def release() -> None:
+    """Leave the process group, if this process is in one (a launcher's, or :func:`init`'s), as a script ends: a group
+    left to the interpreter's exit can abort a rank after its work is done ("terminate called without an active
+    exception"), which the launcher then reports as a failure."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
