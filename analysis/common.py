@@ -247,6 +247,15 @@ def integer_ticks(axis) -> None:
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def write_report(output: Path, data: dict, markdown: str) -> None:
+    """A table diagnostic's outputs (no figure): ``data`` as ``<output>.json``, ``markdown`` as ``<output>.md``, and
+    the Markdown printed."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    output.with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
 def write_outputs(output_dir: str | Path, name: str, figure, data: dict) -> tuple[Path, Path]:
     """Save ``figure`` as ``<name>.png`` and ``data`` as ``<name>.json``; returns both paths."""
     output_dir = Path(output_dir)

@@ -15,29 +15,28 @@ empty share and BBH over all runs) and ``<output>.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
+from analysis.common import write_report
 from mtlora.errors import InvalidInput
-from mtlora.evaluation.reporting import markdown_table, read_json
-from mtlora.experiments.results import METRICS
+from mtlora.evaluation.reporting import markdown_table
+from mtlora.experiments.results import METRICS, Metric
 from mtlora.experiments.statistics import format_mean_std, mean_std
 
-BBH = next(m for m in METRICS if m.name == "bbh")
+BBH, HELDOUT = (next(m for m in METRICS if m.name == name) for name in ("bbh", "heldout"))
 RUN_NAME = re.compile(r"(?P<row>.+?)(-s(?P<seed>\d+))?-[0-9a-f]+")  # the base model's runs have no seed
 
 
-ITEM_FILES = {"bbh": "bbh/tasks/*.json", "heldout": "heldout/predictions.json"}  # under eval/: per-item answers
-
-
-def empty_share(run_dir: Path, suite: str) -> float | None:
-    """Share of the suite's items (all tasks together) whose answer is blank; None without its per-item files."""
-    answers = [item.get("generation") for path in sorted((run_dir / "eval").glob(ITEM_FILES[suite]))
-               for item in read_json(path)["predictions"]]
-    return None if not answers else sum(a is not None and not a.strip() for a in answers) / len(answers)
+def empty_share(run_dir: Path, metric: Metric) -> float | None:
+    """Share of the metric's items (all tasks together) whose answer is blank; None without its per-item files."""
+    items = metric.items(run_dir)
+    if not items:
+        return None
+    answers = [item.get("generation") for _, item in items]
+    return sum(a is not None and not a.strip() for a in answers) / len(answers)
 
 
 def natural_order(path: Path) -> list:
@@ -50,12 +49,12 @@ def run_entries(results_dir: Path) -> list[dict]:
     and BBH accuracy (all in %; None where not evaluated)."""
     entries = []
     for run_dir in sorted(results_dir.glob("*/runs/*/*"), key=natural_order):
-        match, share = RUN_NAME.fullmatch(run_dir.name), empty_share(run_dir, "bbh")
+        match, share = RUN_NAME.fullmatch(run_dir.name), empty_share(run_dir, BBH)
         if match is None or share is None:
             continue
         entries.append({"track": run_dir.parent.name, "row": match["row"],
                         "seed": None if match["seed"] is None else int(match["seed"]), "empty": 100 * share,
-                        "empty_heldout": percent(empty_share(run_dir, "heldout")), "bbh": percent(BBH.average(run_dir))})
+                        "empty_heldout": percent(empty_share(run_dir, HELDOUT)), "bbh": percent(BBH.average(run_dir))})
     return entries
 
 
@@ -105,11 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise InvalidInput(f"--results_dir {args.results_dir}: no run with BBH per-task files "
                            "(*/runs/<track>/<row>-s<seed>-<hash>/eval/bbh/tasks/*.json)")
     summary, r = summarise(entries), correlation(entries)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     result = {"correlation": r, "rows": summary, "runs": entries}
-    args.output.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    args.output.with_suffix(".md").write_text(markdown(summary, r))
-    print(markdown(summary, r))
+    write_report(args.output, result, markdown(summary, r))
     return result
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
+from analysis.common import write_report
 from mtlora.errors import InvalidInput
 from mtlora.evaluation.reporting import markdown_table
 from mtlora.experiments.results import METRICS
@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise InvalidInput(f"--kept {args.kept} and --other {' '.join(map(str, args.other))} share no trained run "
                            "evaluated on a common suite")
     summary = summarise(rows)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps({"summary": summary, "runs": rows}, indent=1) + "\n")
-    args.output.with_suffix(".md").write_text(markdown(rows, summary))
-    print(markdown(rows, summary))
+    write_report(args.output, {"summary": summary, "runs": rows}, markdown(rows, summary))
     return summary
 
 

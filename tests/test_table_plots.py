@@ -89,7 +89,8 @@ def test_empty_answers_counts_blank_generations_per_row_and_correlates_them_with
     _bbh_run(tmp_path, "tasks5", "base-3ee1cd5e", [(" No", True)] * 4)
     heldout = tmp_path / "small" / "runs" / "tasks15" / "mtlora-s42-0a1b2c3d" / "eval" / "heldout"
     heldout.mkdir(parents=True)
-    (heldout / "predictions.json").write_text(json.dumps({"predictions": [{"generation": "No"}, {"generation": " "}]}))
+    (heldout / "predictions.json").write_text(json.dumps({"predictions": [{"task_type": "t", "generation": "No"},
+                                                                           {"task_type": "t", "generation": " "}]}))
     (tmp_path / "small" / "runs" / "tasks5" / "no-bbh-s1-abcdef12").mkdir()  # evaluated on other suites only
     result = empty_answers.main(["--results_dir", str(tmp_path), "--output", str(tmp_path / "out" / "empty")])
     assert [(r["track"], r["row"], r["seeds"]) for r in result["rows"]] == [

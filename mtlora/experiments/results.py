@@ -42,22 +42,23 @@ class Metric:
         items = self.item_scores(run_dir)
         return None if items is None else float(grouped_mean(items[0], items[1] if self.grouped else None))
 
-    def item_scores(self, run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
-        """(scores, group label per item), in a fixed item order."""
+    def items(self, run_dir: Path) -> list[tuple[str, dict]] | None:
+        """(group label, item record) of every item, in a fixed order; None without the per-item file(s)."""
         folder = suite_dir(run_dir, self.suite)
         if self.items_file is None:
             return None
         if self.items_file.endswith("/"):  # one file per task / subject
-            files = sorted((folder / self.items_file).glob("*.json"))
-            pairs = [(path.stem, p[self.item_field]) for path in files for p in read_json(path)[self.items_key]]
-        else:
-            data = read_json(folder / self.items_file)
-            if data is None:
-                return None
-            pairs = [(p["task_type"], p[self.item_field]) for p in data["predictions"]]
-        if not pairs:
+            return [(path.stem, item) for path in sorted((folder / self.items_file).glob("*.json"))
+                    for item in read_json(path)[self.items_key]]
+        data = read_json(folder / self.items_file)
+        return None if data is None else [(item["task_type"], item) for item in data["predictions"]]
+
+    def item_scores(self, run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        """(scores, group label per item), in a fixed item order."""
+        items = self.items(run_dir)
+        if not items:
             return None
-        groups, scores = zip(*pairs)
+        groups, scores = zip(*((group, item[self.item_field]) for group, item in items))
         return np.asarray(scores, dtype=float), np.asarray(groups)
 
 
