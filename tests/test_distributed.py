@@ -242,6 +242,7 @@ def test_distributed_benchmark_quick_run_on_cpu(tmp_path):
     assert saved["skipped"] == [] and saved["environment"]["device"] == "cpu (gloo)"
     assert (tmp_path / "out" / "distributed_quick.md").read_text().count("| tiny |") == 4
 
+
 def test_gpu_plan_runs_each_plain_run_before_its_offloaded_runs():
     from benchmarks import bench_distributed as bench
 
