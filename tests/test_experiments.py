@@ -417,3 +417,26 @@ def test_the_evaluator_names_the_missing_data_flag_of_each_suite(tmp_path, capsy
         with pytest.raises(SystemExit):
             evaluate_main(["--run_dir", str(tmp_path / "run"), "--suites", suites, *given])
         assert f"{flag}: needed for suite {suites}, got None" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("use_cuda", [True, False])
+def test_merges_and_lorahub_run_on_the_job_s_device(tiny_setup, monkeypatch, use_cuda):
+    """A merge or a LoRAHub search runs where the job's evaluation runs: on a GPU machine on the job's GPU (a TIES merge
+    of 64 adapters on the CPU, beside other jobs, took minutes per merge), else on the CPU."""
+    from mtlora.experiments import runner
+
+    commands = []
+    monkeypatch.setattr(runner, "run_step", lambda command, *args, **kwargs: commands.append(command) or 0.0)
+    settings = replace(tiny_setup, seeds=(1,), use_cuda=use_cuda)
+    scale = SCALES["tiny"]
+    table = replace(TABLES["main_results"], scales=("tiny",))
+    jobs = {j.row.key: j for j in plan_jobs(table, scale, list(scale.tracks), settings,
+                                            [r for r in table.rows if r.key in ("ties", "lorahub")], False)}
+    (jobs["library"].run_dir / "task_a").mkdir(parents=True)
+    (jobs["library"].run_dir / "task_a" / "adapter_config.json").write_text("{}")
+    for key in ("ties", "lorahub"):
+        runner._produce(jobs[key], None, {}, None)
+    device = "cuda" if use_cuda else "cpu"
+    assert len(commands) == 2 and all(c[c.index("--device") + 1] == device for c in commands)
+    evaluation = jobs["ties"].evaluation_command(None, "m")
+    assert evaluation[evaluation.index("--device") + 1] == device

@@ -193,6 +193,11 @@ class Job:
             return ["accelerate", "launch", "--multi_gpu", "--num_processes", str(self.settings.num_gpus)]
         return [sys.executable]
 
+    @property
+    def device(self) -> str:
+        """Where the job's steps run: evaluation, merging and LoRAHub's search (training goes through its launcher)."""
+        return "cuda" if self.settings.use_cuda else "cpu"
+
     def model_flags(self) -> dict:
         flags = {"model_name_or_path": self.settings.model_name_or_path}
         return flags if self.settings.dry_run is None else {**flags, **self.settings.dry_run.model_flags()}
@@ -217,7 +222,7 @@ class Job:
                  "lora_checkpoint": lora_checkpoint, "heldout_data": self.track.heldout_data,
                  "bbh_dir": self.settings.bbh_dir, "mmlu_dir": self.settings.mmlu_dir,
                  "batch_size": self.scale.eval_batch_size, "uniform_routing": self.kind == "uniform",
-                 "device": "cuda" if self.settings.use_cuda else "cpu",
+                 "device": self.device,
                  "dtype": "bfloat16" if self.settings.use_cuda else "float32"}
         if self.settings.dry_run is not None:
             flags.update(self.settings.dry_run.model_flags())

@@ -204,7 +204,7 @@ def _produce(job: Job, bar: tqdm, timings: dict, env: dict | None) -> tuple[Path
         command = None if is_adapter_checkpoint(run_dir) else [
             job.launcher()[0], str(REPO_ROOT / "compose_lorahub.py"), "--lora_checkpoints", ",".join(job.library_sample()),
             "--fewshot_from_bbh", job.settings.bbh_dir, "--seed", str(job.seed), "--output_dir", str(run_dir),
-            *as_cli(job.model_flags())]
+            "--device", job.device, *as_cli(job.model_flags())]
     elif job.kind == "merge_tuned":
         merged = run_dir / "merged"
         if not (merged / "config.json").is_file():
@@ -228,7 +228,7 @@ def _produce(job: Job, bar: tqdm, timings: dict, env: dict | None) -> tuple[Path
 def merge(job: Job, flags: dict, output_dir: Path, bar: tqdm, env: dict | None) -> float:
     """merge_loras.py of the job's library with ``flags`` into ``output_dir``; returns its seconds."""
     command = [job.launcher()[0], str(REPO_ROOT / "merge_loras.py"), "--lora_checkpoints", str(job.depends_on.run_dir),
-               "--output_dir", str(output_dir), *as_cli({**flags, **job.model_flags()})]
+               "--output_dir", str(output_dir), "--device", job.device, *as_cli({**flags, **job.model_flags()})]
     return run_step(command, job.run_dir / "merge.log", job.run_dir, bar, f"{job.row.key} s{job.seed}: merging", env)
 
 
