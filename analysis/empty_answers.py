@@ -77,21 +77,30 @@ def summarise(entries: list[dict]) -> list[dict]:
     return rows
 
 
-def correlation(entries: list[dict]) -> float | None:
-    """Pearson correlation of empty share and BBH over the runs (None with fewer than 3 runs or no spread)."""
-    pairs = np.array([(e["empty"], e["bbh"]) for e in entries if e["bbh"] is not None])
-    if len(pairs) < 3 or pairs.std(axis=0).min() == 0:
-        return None
-    return float(np.corrcoef(pairs.T)[0, 1])
+def correlation(entries: list[dict]) -> dict:
+    """Pearson correlation of empty share and BBH over the runs with BBH (``r`` None with fewer than 3 runs or no
+    spread), and again without the collapsed runs (every BBH answer empty), which alone can make it look strong."""
+    result = {}
+    for key, kept in (("all", lambda e: True), ("answering", lambda e: e["empty"] < 100)):
+        pairs = np.array([(e["empty"], e["bbh"]) for e in entries if e["bbh"] is not None and kept(e)])
+        r = None if len(pairs) < 3 or pairs.std(axis=0).min() == 0 else float(np.corrcoef(pairs.T)[0, 1])
+        result[key] = {"runs": len(pairs), "r": r}
+    return result
 
 
-def markdown(summary: list[dict], r: float | None) -> str:
+def markdown(summary: list[dict], r: dict) -> str:
     table = markdown_table(["track", "row", "runs", "empty BBH answers %", "BBH (paper protocol) %",
                             "empty held-out answers %"],
                            [[s["track"], s["row"], len(s["seeds"]), format_mean_std(*s["empty"], scale=1),
                              format_mean_std(*s["bbh"], scale=1), format_mean_std(*s["empty_heldout"], scale=1)]
                             for s in summary])
-    return f"{table}\n\nCorrelation of empty share and BBH over all runs: {'—' if r is None else f'{r:+.2f}'}.\n"
+
+    def text(c: dict) -> str:
+        value = '—' if c["r"] is None else f'{c["r"]:+.2f}'
+        return f"{value} over {c['runs']} runs"
+
+    return (f"{table}\n\nCorrelation of empty share and BBH: {text(r['all'])} (every run with BBH); "
+            f"{text(r['answering'])} that answer at least one BBH question.\n")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -100,7 +100,13 @@ def test_empty_answers_counts_blank_generations_per_row_and_correlates_them_with
     assert mtlora["empty_heldout"] == (50.0, None)  # one seed has held-out answers, one of its two is blank
     assert result["rows"][0]["empty_heldout"] == (None, None)
     # (blank %, BBH %) per run: (0, 100), (50, 25), (25, 75): r = -1875 / sqrt(1250 * 2916.7)
-    assert result["correlation"] == pytest.approx(-0.982, abs=1e-3)
+    assert result["correlation"]["all"] == {"runs": 3, "r": pytest.approx(-0.982, abs=1e-3)}
+    assert result["correlation"]["answering"] == result["correlation"]["all"]
+    _bbh_run(tmp_path, "bigbench", "merge-s42-0a1b2c3f", [("", False)] * 4)  # a collapsed model: every answer empty
+    result = empty_answers.main(["--results_dir", str(tmp_path), "--output", str(tmp_path / "out" / "empty")])
+    assert result["correlation"]["all"]["runs"] == 4 and result["correlation"]["all"]["r"] != pytest.approx(-0.982, abs=1e-3)
+    assert result["correlation"]["answering"] == {"runs": 3, "r": pytest.approx(-0.982, abs=1e-3)}
+    assert "-0.98 over 3 runs that answer at least one" in (tmp_path / "out" / "empty.md").read_text()
     assert (tmp_path / "out" / "empty.md").read_text().startswith("| track | row | runs | empty BBH answers % |")
     with pytest.raises(ValueError, match="--results_dir .* no run with BBH per-task files"):
         empty_answers.main(["--results_dir", str(tmp_path / "out"), "--output", str(tmp_path / "x")])
