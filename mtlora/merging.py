@@ -52,7 +52,7 @@ DEFAULT_DENSITY = {"task_arithmetic": None, "ties": TIES_DENSITY, "dare_linear":
 # A small grid holding the defaults, within the authors' own search ranges (TA/TIES repos, DARE paper).
 # Tune on a held-out split of the training tasks, never on the BBH or MMLU test items.
 GRIDS = {
-    "task_arithmetic": {"weight": (0.2, 0.4, 0.6, 0.8, 1.0), "density": (None,)},
+    "task_arithmetic": {"weight": (0.1, 0.2, 0.4, 0.6, 0.8, 1.0), "density": (None,)},
     "ties": {"weight": (0.8, 1.0, 1.5), "density": (0.1, 0.2, 0.3)},
     "dare_linear": {"weight": (0.5, 1.0), "density": (0.5, 0.7, 0.8, 0.9)},
     "dare_ties": {"weight": (0.5, 1.0), "density": (0.5, 0.7, 0.8, 0.9)},
@@ -102,13 +102,23 @@ def _check_method(method: str) -> None:
         raise InvalidInput(f"--method: unknown merge method {method!r}; expected one of {', '.join(MERGE_METHODS)}")
 
 
-def merge_grid(method: str, seeds: Sequence[int] = DARE_SEEDS) -> list[MergeSpec]:
-    """The small search grid of ``method`` (:data:`GRIDS`); DARE points are repeated for every seed."""
+# The rules that add the task updates up (the others average them): their lambda scales a sum over N tasks, so their
+# grid also holds lambda = 1/N, uniform averaging (BASELINES.md), the scale at which a library of many tasks adds up to
+# one update's size (lambda = 0.4 over 64 tasks is 25.6 times it).
+SUMMING = ("task_arithmetic", "dare_linear")
+
+
+def merge_grid(method: str, seeds: Sequence[int] = DARE_SEEDS, num_tasks: int | None = None) -> list[MergeSpec]:
+    """The small search grid of ``method`` (:data:`GRIDS`), with lambda = 1 / ``num_tasks`` first for a summing rule
+    when the library's size is given; DARE points are repeated for every seed."""
     _check_method(method)
     grid = GRIDS[method]
+    weights = grid["weight"]
+    if num_tasks is not None and method in SUMMING and 1 / num_tasks not in weights:
+        weights = (1 / num_tasks, *weights)
     seed_values = tuple(seeds) if method.startswith("dare") else (None,)
     return [MergeSpec(method, weight, density, seed)
-            for density, weight, seed in itertools.product(grid["density"], grid["weight"], seed_values)]
+            for density, weight, seed in itertools.product(grid["density"], weights, seed_values)]
 
 
 def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

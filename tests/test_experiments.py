@@ -209,7 +209,9 @@ def test_a_tuned_merge_keeps_the_grid_point_best_on_held_out(tiny_setup, monkeyp
                        with_base=False)
     per_seed = {r["key"]: r for r in output["per_seed"]}
     tuning = per_seed["task_arithmetic_tuned"]["merge_tuning"]
-    assert set(tuning["scores"]) == {"task_arithmetic_l0.4", "task_arithmetic_l3"} and tuning["selected_on"] == "heldout"
+    uniform = f"task_arithmetic_l{1 / 3:g}"  # lambda = 1/N, uniform averaging of the tiny data's 3 tasks
+    assert set(tuning["scores"]) == {uniform, "task_arithmetic_l0.4", "task_arithmetic_l3"}
+    assert tuning["selected_on"] == "heldout"
     assert tuning["chosen"] == max(tuning["scores"], key=lambda k: tuning["scores"][k])
     tuned = Path(per_seed["task_arithmetic_tuned"]["run_dir"])
     assert (tuned / "merged" / "config.json").is_file() and not list((tuned / "grid").glob("*/merged"))

@@ -13,7 +13,7 @@ from mtlora.checkpoint import load_adapter_weights
 from mtlora.config import AdapterConfig
 from mtlora.injection import attach_adapters
 from mtlora.library import lora_factors, read_lora_modules
-from mtlora.merging import (DARE_SEEDS, MERGE_METHODS, MergeSpec, delta_weight, merge_grid, merge_into_model,
+from mtlora.merging import (DARE_SEEDS, GRIDS, MERGE_METHODS, MergeSpec, delta_weight, merge_grid, merge_into_model,
                             merge_updates)
 from tests.helpers import tiny_llama, write_lora_checkpoint, write_tiny_model_folder
 
@@ -99,6 +99,13 @@ def test_grid_holds_the_defaults_and_every_point_is_valid():
     assert {s.seed for s in dare} == set(DARE_SEEDS) and len(dare) == 3 * len({(s.weight, s.density) for s in dare})
     assert MergeSpec.default("dare_linear") == MergeSpec("dare_linear", 1.0, 0.8, 0)
     assert MergeSpec("ties", 1.0, 0.2).name == "ties_d0.2_l1"
+    # the summing rules also try uniform averaging, lambda = 1/N for a library of N tasks; the averaging ones do not
+    assert merge_grid("task_arithmetic", num_tasks=64)[0] == MergeSpec("task_arithmetic", 1 / 64)
+    assert len(merge_grid("task_arithmetic", num_tasks=64)) == len(merge_grid("task_arithmetic")) + 1
+    dare_linear = merge_grid("dare_linear", seeds=(0,), num_tasks=4)
+    assert {s.weight for s in dare_linear} == {0.25, *GRIDS["dare_linear"]["weight"]}
+    assert merge_grid("ties", num_tasks=64) == merge_grid("ties")
+    assert merge_grid("task_arithmetic", num_tasks=10) == merge_grid("task_arithmetic")  # 0.1 is on the grid already
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from mtlora.experiments.evaluate import eval_identity, pending_suites, suite_dat
 from mtlora.experiments.memory_plan import MicroBatch, choose_micro_batch, fits, micro_batch_at
 from mtlora.experiments.registry import Row, Scale, Table, Track
 from mtlora.fingerprint import RESULTS_VERSION, data_fingerprint, digest, model_fingerprint
+from mtlora.training_data import read_instruction_records, task_labels
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LORAHUB_MODULES = 20  # LoRAHub composes a random sample of this many modules of the library (its paper's setting)
@@ -212,7 +213,12 @@ class Job:
         """A tuned merge row's grid (DARE's points at this job's seed)."""
         from mtlora.merging import merge_grid
 
-        return merge_grid(self.row.flags["method"], seeds=(self.seed,))
+        return merge_grid(self.row.flags["method"], seeds=(self.seed,), num_tasks=len(self.library_tasks))
+
+    @cached_property
+    def library_tasks(self) -> list[str]:
+        """The task labels of the track's training data: one library adapter each."""
+        return task_labels(read_instruction_records(self.track.train_data))
 
     def evaluation_command(self, lora_checkpoint: Path | None, model_name_or_path: str | None,
                            suites: tuple[str, ...] | None = None, run_dir: Path | None = None) -> list[str]:
