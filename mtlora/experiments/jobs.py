@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from mtlora.experiments.dry_run import DryRun
@@ -215,10 +215,10 @@ class Job:
 
         return merge_grid(self.row.flags["method"], seeds=(self.seed,), num_tasks=len(self.library_tasks))
 
-    @cached_property
-    def library_tasks(self) -> list[str]:
+    @property
+    def library_tasks(self) -> tuple[str, ...]:
         """The task labels of the track's training data: one library adapter each."""
-        return task_labels(read_instruction_records(self.track.train_data))
+        return _task_labels(self.track.train_data, data_fingerprint(self.track.train_data))
 
     def evaluation_command(self, lora_checkpoint: Path | None, model_name_or_path: str | None,
                            suites: tuple[str, ...] | None = None, run_dir: Path | None = None) -> list[str]:
@@ -253,3 +253,9 @@ def as_cli(flags: dict) -> list[str]:
         elif value is not False and value is not None:
             args += [f"--{key}", str(value)]
     return args
+
+
+@lru_cache(maxsize=None)
+def _task_labels(train_data: str, fingerprint: str) -> tuple[str, ...]:
+    """A training file's task labels, read once per content (every tuned-merge job of a track asks for them)."""
+    return tuple(task_labels(read_instruction_records(train_data)))
