@@ -179,6 +179,12 @@ def has_tokenizer(folder: str) -> bool:
     return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 
 
+def is_saved_model(folder: str | Path) -> bool:
+    """True for a local folder that loads on its own: config.json, weights and tokenizer files (a results folder
+    moved without its weights, as scripts/pack_results.py packs it, keeps config.json only)."""
+    return (Path(folder) / "config.json").is_file() and not is_config_only(str(folder)) and has_tokenizer(str(folder))
+
+
 def resolve_tokenizer_source(name_or_path: str | None, flag: str = "--model_name_or_path") -> tuple[str, str | None]:
     """(folder or Hub id, GGUF file name or None) of a tokenizer: a model source, or a local folder holding only
     tokenizer files; raises naming ``flag`` when a local path is missing or holds no tokenizer."""

@@ -1,6 +1,7 @@
 """The experiment registry and the table runner: flags per row, run identity, seeds, statistics, end to end."""
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from mtlora.experiments.jobs import Job, RunSettings, as_cli
 from mtlora.experiments.registry import SCALES, TABLES, Track
 from mtlora.experiments.runner import plan_jobs, run_table, task_count_tracks
 from mtlora.experiments.statistics import mean_std, paired_bootstrap, verdict
+from mtlora.loading import is_saved_model
 from tests.helpers import write_multitask_records, write_tiny_model_folder
 
 
@@ -219,6 +221,20 @@ def test_a_tuned_merge_keeps_the_grid_point_best_on_held_out(tiny_setup, monkeyp
     assert chosen["lambda"] == tuning["lambda"]
     assert all(per_seed[k]["heldout"] is not None and per_seed[k]["bbh"] is not None for k in per_seed)
     assert Path(per_seed["task_arithmetic"]["run_dir"]) != tuned
+
+    # results moved without weights or tokenizer (scripts/pack_results.py) keep merged/config.json only: a suite
+    # still to evaluate merges again instead of loading the bare folder
+    for key in per_seed:
+        merged = Path(per_seed[key]["run_dir"]) / "merged"
+        for path in merged.iterdir():
+            if path.name != "config.json":
+                path.unlink()
+    shutil.rmtree(Path(per_seed["task_arithmetic"]["run_dir"]) / "eval" / "bbh")
+    again = run_table("main_results", "tiny", settings, only_rows=["task_arithmetic", "task_arithmetic_tuned"],
+                      with_base=False)
+    assert {r["key"]: r["bbh"] for r in again["per_seed"]} == {k: r["bbh"] for k, r in per_seed.items()}
+    assert is_saved_model(Path(per_seed["task_arithmetic"]["run_dir"]) / "merged")
+    assert not is_saved_model(tuned / "merged")  # finished: not merged again
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from mtlora.evaluation.reporting import read_json, write_json, write_jsonl
 from mtlora.experiments import dry_run, results
 from mtlora.experiments.jobs import REPO_ROOT, Job, RunSettings, as_cli
 from mtlora.experiments.registry import BASE, BASELINE_KEY, SCALES, TABLES, Row, Scale, Table, Track
-from mtlora.loading import load_model_config
+from mtlora.loading import is_saved_model, load_model_config
 from mtlora.trainer import PROGRESS_FILE  # written by train.py and the evaluator
 from mtlora.training_data import read_instruction_records
 
@@ -207,12 +207,14 @@ def _produce(job: Job, bar: tqdm, timings: dict, env: dict | None) -> tuple[Path
             "--device", job.device, *as_cli(job.model_flags())]
     elif job.kind == "merge_tuned":
         merged = run_dir / "merged"
-        if not (merged / "config.json").is_file():
+        if not is_saved_model(merged):
+            shutil.rmtree(merged, ignore_errors=True)  # left without its weights when the results were moved
             timings["produce"] = timings.get("produce", 0.0) + tune_merge(job, bar, env)
         return None, str(merged)
     else:  # merge
         merged = run_dir / "merged"
-        if not (merged / "config.json").is_file():
+        if not is_saved_model(merged):
+            shutil.rmtree(merged, ignore_errors=True)
             seed = {"seed": job.seed} if job.row.flags["method"].startswith("dare") else {}
             timings["produce"] = merge(job, {**job.row.flags, **seed}, merged, bar, env)
         return None, str(merged)
@@ -255,7 +257,7 @@ def tune_merge(job: Job, bar: tqdm, env: dict | None) -> float:
             if other != best:
                 shutil.rmtree(job.run_dir / "grid" / other / "merged", ignore_errors=True)
     chosen, kept = grid[best], job.run_dir / "grid" / best / "merged"
-    if not (kept / "config.json").is_file():  # an interrupted search: merge the best again
+    if not is_saved_model(kept):  # an interrupted search: merge the best again
         seconds += merge(job, merge_flags(chosen), kept, bar, env)
     write_json(job.run_dir / "tuning.json", {"selected_on": "heldout", "scores": scores, "chosen": best,
                                              "lambda": chosen.weight, "density": chosen.density, "seed": chosen.seed})
