@@ -336,6 +336,13 @@ def test_lm_eval_s_mmlu_and_bbh_run_for_the_harness_rows_at_the_first_seed(tmp_p
               for key in ("baseline", "mtlora") for seed in (7, 8)}
     assert suites[("mtlora", 7)] == ("heldout", "lm_eval", "lm_eval_mmlu_bbh")
     assert suites[("mtlora", 8)] == suites[("baseline", 7)] == ("heldout", "lm_eval")
+    # the scale's first seed, not the invocation's: one runner per seed must not give seed 43 the suite (and retrain
+    # its finished runs for it)
+    for seeds, harness in (((43,), 42), ((44, 42), 42), ((7, 8), 7)):
+        split = replace(settings, seeds=seeds)  # the small scale's seeds are 42, 43, 44
+        got = {seed for seed in (7, 8, 42, 43, 44)
+               if "lm_eval_mmlu_bbh" in Job(split, scale, TABLES["main_ablation"], track, rows["mtlora"], seed).suites}
+        assert got == {harness}, (seeds, got)
     for folder in ("bbh", "mmlu"):
         (tmp_path / folder).mkdir()
     identity = Job(settings, scale, TABLES["main_ablation"], track, rows["mtlora"], 7).eval_identity("lm_eval_mmlu_bbh")

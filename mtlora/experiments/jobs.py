@@ -180,12 +180,21 @@ class Job:
     @property
     def suites(self) -> tuple[str, ...]:
         """The track's suites that the table reports, plus lm-eval's MMLU and BBH for the track's harness rows at
-        the first seed, plus those of other tables that share the run."""
+        the harness seed, plus those of other tables that share the run."""
         reported = self.table.suites.get(self.scale.name)
         suites = tuple(s for s in self.track.suites if reported is None or s in reported)
-        if self.row.key in self.track.harness_rows and self.seed == self.settings.seeds[0] and reported is None:
+        if self.row.key in self.track.harness_rows and self.seed == self.harness_seed and reported is None:
             suites += ("lm_eval_mmlu_bbh",)
         return tuple(dict.fromkeys(suites + self.also_suites))
+
+    @property
+    def harness_seed(self) -> int:
+        """The one seed at which the harness rows get lm-eval's MMLU and BBH: the scale's first seed, whichever
+        seeds this invocation runs (a runner given --seeds 43 alone must not retrain seed 43's finished runs for
+        it); the first given seed only when none of the scale's seeds is run."""
+        if set(self.settings.seeds) & set(self.scale.seeds):
+            return self.scale.seeds[0]
+        return self.settings.seeds[0]
 
     # -------------------------------------------------------------------------------------- commands
 
