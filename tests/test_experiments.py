@@ -343,6 +343,9 @@ def test_lm_eval_s_mmlu_and_bbh_run_for_the_harness_rows_at_the_first_seed(tmp_p
         got = {seed for seed in (7, 8, 42, 43, 44)
                if "lm_eval_mmlu_bbh" in Job(split, scale, TABLES["main_ablation"], track, rows["mtlora"], seed).suites}
         assert got == {harness}, (seeds, got)
+        # the base model is one run whatever seed its job carries (the invocation's first): it keeps the suite
+        base = Job(split, scale, TABLES["main_ablation"], replace(track, harness_rows=("base",)), registry.BASE, seeds[0])
+        assert "lm_eval_mmlu_bbh" in base.suites, seeds
     for folder in ("bbh", "mmlu"):
         (tmp_path / folder).mkdir()
     identity = Job(settings, scale, TABLES["main_ablation"], track, rows["mtlora"], 7).eval_identity("lm_eval_mmlu_bbh")

@@ -183,7 +183,8 @@ class Job:
         the harness seed, plus those of other tables that share the run."""
         reported = self.table.suites.get(self.scale.name)
         suites = tuple(s for s in self.track.suites if reported is None or s in reported)
-        if self.row.key in self.track.harness_rows and self.seed == self.harness_seed and reported is None:
+        at_harness_seed = self.kind == "base" or self.seed == self.harness_seed  # the base model: one run, no seed
+        if self.row.key in self.track.harness_rows and at_harness_seed and reported is None:
             suites += ("lm_eval_mmlu_bbh",)
         return tuple(dict.fromkeys(suites + self.also_suites))
 

@@ -194,7 +194,7 @@ class Track:
     heldout_data: str | None = None
     prepare: str = ""  # the command that makes train_data / heldout_data
     examples: int | None = None  # training records of train_data as prepared (projections of a dry run)
-    harness_rows: tuple[str, ...] = ()  # rows that also get lm-eval's mmlu and bbh_fewshot, at the first seed
+    harness_rows: tuple[str, ...] = ()  # rows that also get lm-eval's mmlu and bbh_fewshot, at Job.harness_seed
 
 
 @dataclass(frozen=True)
