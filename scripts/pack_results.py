@@ -44,10 +44,16 @@ def packed_bytes(path: Path, relative: Path) -> bytes | None:
 
 
 def pack(source: Path, archive: Path) -> int:
+    """Pack ``source`` into ``archive``; the number of files packed. A live run may delete files (a tuned merge's
+    grid folders) while it is packed: such a file is left out with a note."""
     count = 0
     with tarfile.open(archive, "w:gz") as tar:
         for path in sorted(p for p in source.rglob("*") if p.is_file()):
-            content = packed_bytes(path, path.relative_to(source))
+            try:
+                content = packed_bytes(path, path.relative_to(source))
+            except FileNotFoundError:
+                print(f"note: {path} was deleted while packing; left out", file=sys.stderr)
+                continue
             if content is None:
                 continue
             info = tarfile.TarInfo(str(path.relative_to(source)))

@@ -295,13 +295,20 @@ def test_the_lm_eval_mmlu_bbh_suite_reads_both_data_folders(tiny_model_dir, tmp_
     assert summary["settings"]["engine"] == "batched" and summary["settings"]["limit"] == 1
 
 
-def test_packed_results_keep_what_the_tables_read_and_drop_weights(tmp_path):
+@pytest.fixture
+def pack_results():
+    """scripts/pack_results.py as a module."""
     import importlib.util
-    import tarfile
 
     spec = importlib.util.spec_from_file_location("pack_results", Path(__file__).parents[1] / "scripts" / "pack_results.py")
-    pack_results = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pack_results)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_packed_results_keep_what_the_tables_read_and_drop_weights(tmp_path, pack_results):
+    import tarfile
+
     run = tmp_path / "results" / "small" / "runs" / "bigbench" / "mtlora-s42"
     (run / "eval" / "heldout").mkdir(parents=True)
     long_task = "bigbench_" + "x" * 40
@@ -313,6 +320,28 @@ def test_packed_results_keep_what_the_tables_read_and_drop_weights(tmp_path):
     with tarfile.open(archive) as tar:
         packed = json.load(tar.extractfile("small/runs/bigbench/mtlora-s42/eval/heldout/predictions.json"))
     assert packed["predictions"] == [{"task_type": long_task, "exact": True, "output": "short"}]
+
+
+def test_a_file_deleted_while_packing_is_left_out_and_the_rest_packed(tmp_path, monkeypatch, capsys, pack_results):
+    import tarfile
+
+    grid = tmp_path / "results" / "small" / "runs" / "bigbench" / "ties_tuned-s44" / "grid" / "ties_d0.1_l1" / "merged"
+    grid.mkdir(parents=True)
+    (grid / "config.json").write_text("{}")
+    (grid.parents[2] / "timings.json").write_text("{}")
+    read = pack_results.packed_bytes
+
+    def deleted_first(path, relative):  # the tuning job removes its grid folder between listing and reading
+        if path.name == "config.json":
+            path.unlink()
+        return read(path, relative)
+
+    monkeypatch.setattr(pack_results, "packed_bytes", deleted_first)
+    archive = tmp_path / "packed.tar.gz"
+    assert pack_results.pack(tmp_path / "results", archive) == 1
+    with tarfile.open(archive) as tar:
+        assert tar.getnames() == ["small/runs/bigbench/ties_tuned-s44/timings.json"]
+    assert "config.json was deleted while packing; left out" in capsys.readouterr().err
 
 
 def test_a_job_s_gpu_is_taken_from_the_gpus_the_runner_sees(monkeypatch):
