@@ -221,7 +221,7 @@ def test_two_processes_give_the_one_process_results(tiny_model_dir, tmp_path):
     for name, args in calls.items():
         assert importlib.import_module(name).main([a.format(run="one") for a in args]) == 0
     script = "; ".join(f"import {name}; {name}.main({[a.format(run='two') for a in args]!r})" for name, args in calls.items())
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "--no-python", sys.executable, "-c", script]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)

@@ -119,9 +119,12 @@ def run_step(command: list[str], log_path: Path, progress_dir: Path, bar: tqdm, 
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-        while process.poll() is None:
-            time.sleep(2)
-            bar.set_postfix_str(f"{phase} {_progress_text(progress_file, started)}", refresh=True)
+        while True:
+            try:
+                process.wait(timeout=2)  # returns as soon as the step ends
+                break
+            except subprocess.TimeoutExpired:
+                bar.set_postfix_str(f"{phase} {_progress_text(progress_file, started)}", refresh=True)
     if process.returncode != 0:
         tail = "\n".join(log_path.read_text().split("\n")[-30:])
         raise RuntimeError(f"step failed (exit {process.returncode}), log {log_path}:\n{tail}")
