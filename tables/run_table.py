@@ -16,7 +16,7 @@ import torch
 from mtlora.evaluation.cli import default_data_dir
 from mtlora.experiments.dry_run import DryRun
 from mtlora.experiments.registry import SCALES, TABLES
-from mtlora.experiments.runner import RunSettings, run_tables
+from mtlora.experiments.runner import RunSettings, run_tables, stop_steps_with_the_runner
 
 
 def main(argv=None) -> None:
@@ -78,6 +78,7 @@ def main(argv=None) -> None:
                            bbh_dir=args.bbh_dir, mmlu_dir=args.mmlu_dir, use_cuda=torch.cuda.is_available() or args.as_on_gpu,
                            seeds=tuple(args.seeds or scale.seeds), gpu_memory_gib=gpu_memory(args),
                            dry_run=DryRun(steps=args.dry_run_steps) if args.dry_run else None)
+    stop_steps_with_the_runner()
     run_tables([t.name for t in tables], args.scale, settings, only_rows=args.rows, with_base=not args.no_base,
                assemble_only=args.assemble_only, parallel=args.parallel)
 

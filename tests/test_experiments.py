@@ -348,6 +348,52 @@ def test_a_file_deleted_while_packing_is_left_out_and_the_rest_packed(tmp_path, 
     assert "config.json was deleted while packing; left out" in capsys.readouterr().err
 
 
+RUNNER_WITH_A_STEP = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from tqdm import tqdm
+from mtlora.experiments.runner import run_step, stop_steps_with_the_runner
+
+folder, where = Path(sys.argv[1]), sys.argv[2]
+stop_steps_with_the_runner()
+child = [sys.executable, "-c", f"import os, time; open({str(folder / 'pid')!r}, 'w').write(str(os.getpid())); time.sleep(300)"]
+step = lambda: run_step(child, folder / "step.log", folder, tqdm(disable=True), "sleeping")
+if where == "threaded":  # as run_jobs with --parallel: the step waits in a worker thread
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(step).result()
+else:
+    step()
+"""
+
+
+@pytest.mark.parametrize("where", ["serial", "threaded"])
+def test_sigterm_to_the_runner_ends_its_running_step(tmp_path, where):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER_WITH_A_STEP, str(tmp_path), where],
+                              cwd=Path(__file__).parents[1])
+    pid_file, deadline = tmp_path / "pid", time.time() + 120
+    while not (pid_file.is_file() and pid_file.read_text()):
+        assert runner.poll() is None and time.time() < deadline, "the step never started"
+        time.sleep(0.2)
+    child = int(pid_file.read_text())
+    try:
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=60) == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):  # ended and reaped, not left running on its own
+            os.kill(child, 0)
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_a_job_s_gpu_is_taken_from_the_gpus_the_runner_sees(monkeypatch):
     from mtlora.experiments.runner import visible_gpu
 

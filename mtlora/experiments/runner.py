@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -109,6 +110,20 @@ def plan_jobs(table: Table, scale: Scale, tracks: list[Track], settings: RunSett
 
 # ------------------------------------------------------------------------------------------- execution
 
+_STEPS: set[subprocess.Popen] = set()  # the step processes running now (one per running job)
+
+
+def stop_steps_with_the_runner() -> None:
+    """SIGTERM (``kill``, a scheduler's time limit) ends the runner's running steps with it, as Ctrl-C does, instead
+    of leaving them writing into run folders whose locks died with the runner; the next run resumes them."""
+    def stop(signum, frame):
+        for process in list(_STEPS):
+            process.terminate()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run_step(command: list[str], log_path: Path, progress_dir: Path, bar: tqdm, phase: str,
              env: dict | None = None) -> float:
     """Run a step, streaming its output to a log file and its progress to the console; returns its seconds."""
@@ -119,12 +134,20 @@ def run_step(command: list[str], log_path: Path, progress_dir: Path, bar: tqdm, 
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-        while True:
-            try:
-                process.wait(timeout=2)  # returns as soon as the step ends
-                break
-            except subprocess.TimeoutExpired:
-                bar.set_postfix_str(f"{phase} {_progress_text(progress_file, started)}", refresh=True)
+        _STEPS.add(process)
+        try:
+            while True:
+                try:
+                    process.wait(timeout=2)  # returns as soon as the step ends
+                    break
+                except subprocess.TimeoutExpired:
+                    bar.set_postfix_str(f"{phase} {_progress_text(progress_file, started)}", refresh=True)
+        except BaseException:  # the runner is stopping: so does its step
+            process.terminate()
+            process.wait()
+            raise
+        finally:
+            _STEPS.discard(process)
     if process.returncode != 0:
         tail = "\n".join(log_path.read_text().split("\n")[-30:])
         raise RuntimeError(f"step failed (exit {process.returncode}), log {log_path}:\n{tail}")
