@@ -1,8 +1,10 @@
-"""Accuracy against routing groups (Table 3) and against the number of training tasks (task-count scaling),
-drawn from the tables' JSON (``tables/run_table.py``): mean over seeds, the seeds' std as error bars.
+"""Accuracy against routing groups (Table 3), against the number of training tasks (task-count scaling), and each
+main-results row's (Table 5) held-out accuracy against a benchmark, drawn from the tables' JSON
+(``tables/run_table.py``): mean over seeds, the seeds' std as error bars.
 
     python -m analysis.table_plots --table_json results/small/routing_granularity.json --output_dir figs
     python -m analysis.table_plots --table_json results/small/task_scaling.json --metric bbh --output_dir figs
+    python -m analysis.table_plots --table_json results/small_seeds/main_results.json --metric bbh --output_dir figs
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ def task_count_of(track: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def percent(value: dict) -> tuple[float, float]:
+    """(mean %, std %) of a table cell; std 0 for one seed."""
+    return 100 * value["mean"], 100 * (value["std"] if value["std"] is not None else 0.0)
+
+
 def points(table: dict, metric: str, x_of, series_of) -> dict[str, list[tuple[float, float, float]]]:
     """{series label: [(x, mean %, std %)]} over the rows that have ``metric``, sorted by x."""
     series: dict[str, list] = {}
@@ -45,8 +52,7 @@ def points(table: dict, metric: str, x_of, series_of) -> dict[str, list[tuple[fl
         value, x = row.get(metric), x_of(row)
         if not isinstance(value, dict) or x is None:
             continue
-        std = value["std"] if value["std"] is not None else 0.0
-        series.setdefault(series_of(row), []).append((x, 100 * value["mean"], 100 * std))
+        series.setdefault(series_of(row), []).append((x, *percent(value)))
     return {label: sorted(values) for label, values in series.items()}
 
 
@@ -83,12 +89,37 @@ def plot_task_scaling(table: dict, metric: str = "heldout") -> plt.Figure:
                        caption(table), log_x=False)
 
 
+def row_points(table: dict, metric: str) -> list[tuple[str, tuple[float, float], tuple[float, float]]]:
+    """[(row label, held-out (mean %, std %), ``metric`` (mean %, std %))] over the rows that have both."""
+    return [(row["label"], percent(row["heldout"]), percent(row[metric])) for row in table["rows"]
+            if isinstance(row.get("heldout"), dict) and isinstance(row.get(metric), dict)]
+
+
+def plot_main_results(table: dict, metric: str = "bbh") -> plt.Figure:
+    """One point per row: held-out accuracy on the trained tasks (x) against ``metric`` (y)."""
+    if metric == "heldout":
+        raise SystemExit("error: --metric heldout: the main-results plot draws a benchmark against held-out accuracy; "
+                         "pass another metric, e.g. --metric bbh")
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    markers = "os^vD<>Pp*hX"
+    for index, (label, (x, x_std), (y, y_std)) in enumerate(row_points(table, metric)):
+        axis.errorbar(x, y, xerr=x_std, yerr=y_std, marker=markers[index % len(markers)], linestyle="none",
+                      color=plt.cm.tab20(index % 20), capsize=3, label=label)
+    axis.set_xlabel(f"{METRIC_LABELS['heldout']} (%)")
+    axis.set_ylabel(f"{METRIC_LABELS[metric]} (%)")
+    axis.set_title(caption(table), fontsize=9)
+    axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    figure.tight_layout()
+    return figure
+
+
 PLOTS = {"routing_granularity": plot_routing_granularity, "routing_granularity_block": plot_routing_granularity,
-         "task_scaling": plot_task_scaling}
+         "task_scaling": plot_task_scaling, "main_results": plot_main_results}
 
 
 def table_plot(table_json: str | Path, output_dir: str | Path, metric: str = "heldout") -> Path:
-    """Draw the plot of a Table 3 / task-scaling JSON into ``<output_dir>/<table>_<metric>.png``; returns it."""
+    """Draw the plot of a Table 3 / task-scaling / main-results JSON into ``<output_dir>/<table>_<metric>.png``;
+    returns it."""
     table = json.loads(Path(table_json).read_text())
     if table.get("table") not in PLOTS:
         raise SystemExit(f"error: --table_json {table_json}: expected one of {', '.join(PLOTS)}, got {table.get('table')}")

@@ -37,6 +37,21 @@ def test_task_scaling_points_are_per_row_over_task_counts(tmp_path):
         table_plots.table_plot(path, tmp_path / "out")
 
 
+def test_main_results_plot_puts_each_row_s_held_out_against_the_benchmark(tmp_path):
+    table = {"table": "main_results", "title": "Table 5: rows", "seeds": [42, 43], "rows": [
+        {"key": "base", "label": "base model", "track": "bigbench", "heldout": metric(0.0, None), "bbh": metric(0.37, None)},
+        {"key": "lora", "label": "LoRA", "track": "bigbench", "heldout": metric(0.36, 0.003), "bbh": metric(0.29, 0.004)},
+        {"key": "mole", "label": "MoLE", "track": "bigbench", "heldout": metric(0.0, 0.0)}]}  # no BBH yet: left out
+    rows = table_plots.row_points(table, "bbh")
+    assert [label for label, _, _ in rows] == ["base model", "LoRA"]
+    assert [x + y for _, x, y in rows] == [pytest.approx((0.0, 0.0, 37.0, 0.0)), pytest.approx((36.0, 0.3, 29.0, 0.4))]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    assert table_plots.table_plot(path, tmp_path / "out", "bbh").name == "main_results_bbh.png"
+    with pytest.raises(SystemExit, match="--metric heldout: the main-results plot draws a benchmark against held-out"):
+        table_plots.table_plot(path, tmp_path / "out", "heldout")
+
+
 def _trained_run(results_dir, name, heldout=None):
     run = results_dir / "small" / "runs" / "bigbench" / name
     run.mkdir(parents=True)
