@@ -49,14 +49,15 @@ def pack(source: Path, archive: Path) -> int:
     count = 0
     with tarfile.open(archive, "w:gz") as tar:
         for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            relative = path.relative_to(source)
             try:
-                content = packed_bytes(path, path.relative_to(source))
+                content = packed_bytes(path, relative)
             except FileNotFoundError:
                 print(f"note: {path} was deleted while packing; left out", file=sys.stderr)
                 continue
             if content is None:
                 continue
-            info = tarfile.TarInfo(str(path.relative_to(source)))
+            info = tarfile.TarInfo(str(relative))
             info.size = len(content)
             tar.addfile(info, io.BytesIO(content))
             count += 1
